@@ -1,0 +1,103 @@
+# Linmod: train, export and serve a Linformer moderation classifier.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch; an unpinned torch would pull a CUDA build of several GB.
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= model/artifacts/spamassassin-linformer
+DATA ?= data/spamassassin
+RUN ?= runs/spamassassin-linformer
+HOST ?= 0.0.0.0
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: help serve install install-dev test test-fast lint format data train eval export parity model \
+        bench bench-quick docker-wheels docker-build docker-smoke clean
+
+help:
+	@echo "make serve      serve the shipped model on port $(PORT) (GPU if present, else CPU)"
+	@echo "make test       install test dependencies and run every test not marked gpu"
+	@echo "make test-fast  the fast tests only (no training, export or real servers)"
+	@echo "make lint       ruff and mypy"
+	@echo "make model      reproduce the shipped model from scratch (data, train, eval, export, parity)"
+	@echo "make bench      run all benchmarks (bench-quick for a few minutes' version)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.serve-installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	@touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[train,dev]"
+	@touch $@ $(VENV)/.serve-installed
+
+install: $(VENV)/.serve-installed
+install-dev: $(VENV)/.dev-installed
+
+serve: $(VENV)/.serve-installed
+	$(VENV)/bin/linmod-serve --model-dir $(MODEL) --host $(HOST) --port $(PORT)
+
+# pytest exits 5 when nothing was collected; that is not a failure here.
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-fast: $(VENV)/.dev-installed
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-data spamassassin --out $(DATA)
+
+train: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-train --data $(DATA) --out $(RUN)
+
+eval: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-eval --run $(RUN) --data $(DATA) --artifact $(MODEL)
+
+export: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-export --artifact $(MODEL) --data $(DATA)
+
+parity: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-parity --artifact $(MODEL) --data $(DATA)
+
+# Reproduce the shipped model from scratch.
+model: data train eval export parity
+
+bench: $(VENV)/.dev-installed
+	$(PY) -m bench.run_all
+
+bench-quick: $(VENV)/.dev-installed
+	$(PY) -m bench.run_all --quick
+
+# Wheels for an offline image build, tagged for the image's Python and glibc, not the host's:
+# 3.12 and glibc 2.39 on the default CUDA base (Ubuntu 24.04); 3.11 and 36 for Debian bookworm.
+DOCKER_PYTHON ?= 3.12
+DOCKER_GLIBC_MINOR ?= 39
+docker-wheels: $(VENV)/.serve-installed
+	rm -rf wheels && $(PIP) download --quiet --dest wheels --only-binary=:all: \
+	    --implementation cp --python-version $(DOCKER_PYTHON) \
+	    $(foreach m,$(shell seq 5 $(DOCKER_GLIBC_MINOR)),--platform manylinux_2_$(m)_x86_64) \
+	    --platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64 .
+
+docker-build: docker-wheels
+	docker build --build-arg WHEELS=wheels -t linmod:latest .
+
+docker-smoke:
+	bash deploy/docker-smoke.sh
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache wheels
