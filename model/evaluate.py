@@ -1,0 +1,234 @@
+"""Evaluation on the test split, the decision threshold (validation only), a TF-IDF baseline, and
+shipping the result as an artifact directory (config, tokenizer, checkpoint, metrics, model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.batching import predict_logits, softmax
+from model.card import write_card
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, code_version, load_checkpoint
+from model.data import DataError, Example, read_manifest, read_split
+from model.metrics import binary_report, choose_threshold, multiclass_report
+from model.tokenizer import encode, load_tokenizer
+from service.documents import window_starts
+
+THRESHOLD_RULE = (
+    "the threshold that maximises F1 of the flag decision on the validation split "
+    "(candidates: midpoints between consecutive validation scores; the median of ties)"
+)
+
+
+def flag_scores(probs: np.ndarray, labels: list[str], flag_labels: list[str]) -> np.ndarray:
+    """A document's flag score: the highest probability among the flag labels."""
+    cols = [labels.index(lab) for lab in flag_labels]
+    return probs[:, cols].max(axis=1)
+
+
+def windows(ids: list[int], n_max: int, overlap: int) -> list[list[int]]:
+    """The windows the service classifies for a long document (its own rule, reused)."""
+    if not 0 <= overlap < n_max:
+        raise ValueError(f"overlap must be in [0, n_max={n_max}), not {overlap}")
+    return [ids[s : s + n_max] for s in window_starts(len(ids), n_max, overlap)]
+
+
+def baseline_scores(
+    train: list[Example], others: list[list[Example]], flag_labels: list[str]
+) -> list[np.ndarray]:
+    """TF-IDF (word 1-2 grams) + logistic regression, fitted on train; flag-class scores."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    pipe = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200_000, sublinear_tf=True),
+        LogisticRegression(C=10.0, max_iter=2000),
+    )
+    pipe.fit([e.text for e in train], [e.label in flag_labels for e in train])
+    return [pipe.predict_proba([e.text for e in exs])[:, 1] for exs in others]
+
+
+def median_latency_ms(
+    model: torch.nn.Module, seqs: list[list[int]], repeats: int = 20
+) -> dict[str, float]:
+    doc = sorted(seqs, key=len)[len(seqs) // 2]
+    ids = torch.tensor([doc])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model(ids, mask)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(ids, mask)
+    return {"tokens": len(doc), "ms": 1000 * (time.perf_counter() - t0) / repeats}
+
+
+def evaluate(
+    run_dir: Path,
+    data_dir: Path,
+    artifact_dir: Path,
+    name: str,
+    flag_labels: list[str] | None = None,
+    chunk_overlap: int = 256,
+) -> dict[str, Any]:
+    ckpt = run_dir / "best"
+    model = load_checkpoint(ckpt)
+    cfg = model.cfg
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    labels = cfg.labels
+    manifest = read_manifest(data_dir)
+    if list(manifest["labels"]) != labels:  # type: ignore[call-overload]
+        raise DataError(f"data labels {manifest['labels']} differ from the model's {labels}")
+    if flag_labels is None:
+        flag_labels = ["spam"] if "spam" in labels else labels[1:]
+    unknown = sorted(set(flag_labels) - set(labels))
+    if unknown:
+        raise DataError(f"flag labels {unknown} are not model labels {labels}")
+
+    splits = {s: read_split(data_dir, s) for s in ("train", "validation", "test")}
+    full_ids = {s: encode(tok, [e.text for e in splits[s]]) for s in ("validation", "test")}
+    probs = {
+        s: softmax(predict_logits(model, [x[: cfg.n_max] for x in full_ids[s]], progress=True))
+        for s in full_ids
+    }
+    truth = {s: np.array([e.label in flag_labels for e in splits[s]]) for s in full_ids}
+    scores = {s: flag_scores(probs[s], labels, flag_labels) for s in full_ids}
+    threshold = choose_threshold(scores["validation"], truth["validation"])
+    groups = [e.group for e in splits["test"]]
+    report = binary_report(scores["test"], truth["test"], threshold, groups)
+
+    # The service's default long-document policy: overlapping windows, max of the flag score.
+    chunk_overlap = min(chunk_overlap, cfg.n_max // 4)
+    test_windows = [windows(x, cfg.n_max, chunk_overlap) for x in full_ids["test"]]
+    flat = [w for ws in test_windows for w in ws]
+    wscores = flag_scores(softmax(predict_logits(model, flat)), labels, flag_labels)
+    chunked, i = [], 0
+    for ws in test_windows:
+        chunked.append(wscores[i : i + len(ws)].max())
+        i += len(ws)
+    long_docs = int(sum(len(ws) > 1 for ws in test_windows))
+    chunk_report = binary_report(np.array(chunked), truth["test"], threshold, groups)
+
+    b_val, b_test = baseline_scores(
+        splits["train"], [splits["validation"], splits["test"]], flag_labels
+    )
+    b_threshold = choose_threshold(b_val, truth["validation"])
+    baseline = binary_report(b_test, truth["test"], b_threshold, groups)
+
+    y_test = np.array([labels.index(e.label) for e in splits["test"]])
+    metrics: dict[str, Any] = {
+        "split": "test",
+        "flag_labels": flag_labels,
+        "threshold_rule": THRESHOLD_RULE,
+        "model": report,
+        "model_chunked": {
+            **chunk_report,
+            "documents_longer_than_n_max": long_docs,
+            "chunk_overlap": chunk_overlap,
+            "aggregation": "max",
+        },
+        "baseline_tfidf_logreg": baseline,
+        "multiclass": multiclass_report(probs["test"], y_test, labels),
+        "validation": binary_report(scores["validation"], truth["validation"], threshold),
+        "pytorch_cpu_latency_median_doc": median_latency_ms(
+            model, [x[: cfg.n_max] for x in full_ids["test"]]
+        ),
+    }
+    ship(run_dir, artifact_dir, name, flag_labels, threshold, manifest, metrics)
+    return metrics
+
+
+def ship(
+    run_dir: Path,
+    artifact_dir: Path,
+    name: str,
+    flag_labels: list[str],
+    threshold: float,
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+) -> None:
+    """Write the artifact: checkpoint, tokenizer, service config, metrics, training record, card."""
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "best"
+    for f in (WEIGHTS, CONFIG):
+        shutil.copyfile(ckpt / f, artifact_dir / f)
+    shutil.copyfile(run_dir / "tokenizer.json", artifact_dir / "tokenizer.json")
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    if (run_dir / "history.json").exists():
+        run["history"] = json.loads((run_dir / "history.json").read_text())
+    (artifact_dir / "training.json").write_text(json.dumps(run, indent=2) + "\n")
+    mc = json.loads((ckpt / CONFIG).read_text())
+    config = {
+        "name": name,
+        "version": time.strftime("%Y.%m.%d"),
+        "architecture": "linformer",
+        "labels": mc["labels"],
+        "flag_labels": flag_labels,
+        "threshold": round(threshold, 6),
+        "threshold_rule": THRESHOLD_RULE,
+        **{
+            k: mc[k]
+            for k in (
+                "n_max",
+                "pad_id",
+                "k",
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "d_ff",
+                "sharing",
+                "vocab_size",
+            )
+        },
+        "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256")},
+        "code_version": run.get("code_version") or code_version(),
+    }
+    (artifact_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (artifact_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_card(artifact_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="linmod-eval", description=__doc__)
+    p.add_argument("--run", type=Path, required=True, help="training run directory")
+    p.add_argument("--data", type=Path, required=True, help="dataset directory (linmod-data)")
+    p.add_argument("--artifact", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--name", help="model name (default: the artifact directory's name)")
+    p.add_argument("--flag-labels", nargs="+", help="labels that count as flagged")
+    p.add_argument("--chunk-overlap", type=int, default=256)
+    args = p.parse_args(argv)
+    try:
+        m = evaluate(
+            args.run,
+            args.data,
+            args.artifact,
+            args.name or args.artifact.name,
+            args.flag_labels,
+            args.chunk_overlap,
+        )
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"linmod-eval: error: {e}", file=sys.stderr)
+        return 2
+    for key in ("model", "model_chunked", "baseline_tfidf_logreg"):
+        r = m[key]
+        hard = r["flag_rate_by_group"].get("hard-ham-1", {}).get("rate")
+        print(
+            f"{key:>22}: F1 {r['f1']:.4f}  precision {r['precision']:.4f}  recall {r['recall']:.4f}  "
+            f"AUC {r['roc_auc']:.4f}  threshold {r['threshold']:.3f}"
+            + (f"  hard-ham FPR {hard:.3f}" if hard is not None else "")
+        )
+    print(f"wrote {args.artifact}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Linformer encoder and classifier (Wang et al., 2020), padding-invariant by construction.
+
+Keys and values are projected along the sequence axis by E, F of shape (n_max, k). Pad rows of
+K and V are zeroed before that projection at every layer, so a document's logits do not depend on
+what it is batched with. See DESIGN.md, "The Linformer layer".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class SequenceTooLongError(ValueError):
+    """Input longer than the model's n_max; the service chunks before it gets here."""
+
+
+class LinformerSelfAttention(nn.Module):
+    """Multi-head self-attention over k projected keys/values instead of all T tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.full = cfg.attention == "full"
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.q_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        keep: torch.Tensor,  # (B, T) bool, True for real tokens
+        E: torch.Tensor,  # (n_max, k)
+        F_: torch.Tensor,  # (n_max, k)
+        scale: torch.Tensor,  # (B, 1, 1): 1/sqrt(real length)
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_heads, self.head_dim
+        q = self.q(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x)  # (B, T, C)
+        v = self.v(x)
+        q = self.q_norm(q)
+        if self.full:
+            k = self.k_norm(k.view(B, T, nh, hs).transpose(1, 2))
+            v = v.view(B, T, nh, hs).transpose(1, 2)
+            mask = keep[:, None, None, :]  # (B, 1, 1, T)
+            drop = self.attn_drop.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        else:
+            # Zero pad rows after the projection (its bias would leak otherwise) and before E/F.
+            # `where`, not a multiply: a pad row holding inf/nan must not turn into nan.
+            keep3 = keep.unsqueeze(-1)  # (B, T, 1)
+            k = torch.where(keep3, k, 0.0)
+            v = torch.where(keep3, v, 0.0)
+            # Slice to the batch length with no branch on the shape, so an exported graph keeps
+            # the Slice and stays dynamic in T. Rows 0..L-1 line up with a right-padded document.
+            E_T = E[:T].transpose(0, 1)  # (k, T)
+            F_T = F_[:T].transpose(0, 1)
+            # Normalising by the document's own length keeps the projected keys on one scale for
+            # 10 tokens and 4,096 alike; it depends on the mask only, never on the batch.
+            kp = torch.matmul(E_T, k) * scale  # (B, k, C)
+            vp = torch.matmul(F_T, v) * scale
+            kp = self.k_norm(kp.view(B, -1, nh, hs).transpose(1, 2))  # (B, nh, k, hs)
+            vp = vp.view(B, -1, nh, hs).transpose(1, 2)
+            att = torch.matmul(q, kp.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, k)
+            att = self.attn_drop(torch.softmax(att, dim=-1))
+            y = torch.matmul(att, vp)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.out(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = LinformerSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor,
+        E: torch.Tensor,
+        F_: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), keep, E, F_, scale)
+        return x + self.mlp(self.ln2(x))
+
+
+def _num_projections(cfg: ModelConfig) -> int:
+    return {"none": 2 * cfg.n_layers, "kv": cfg.n_layers, "layerwise": 1}[cfg.sharing]
+
+
+class LinformerClassifier(nn.Module):
+    """Token + position embeddings -> Linformer blocks -> masked mean pool -> logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.n_max, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.num_labels)
+        # Sequence-axis projections, shared per cfg.sharing. Held here and handed to each layer
+        # rather than registered in several modules, so checkpoints store each tensor once.
+        n_proj = _num_projections(cfg) if cfg.attention == "linformer" else 0
+        self.proj = nn.ParameterList(
+            [nn.Parameter(torch.empty(cfg.n_max, cfg.k)) for _ in range(n_proj)]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        # Unit-variance entries: with the 1/sqrt(L) scale, projected keys keep the keys' scale.
+        for p in self.proj:
+            nn.init.normal_(p, std=1.0)
+
+    def projections(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, F) used by a layer under the configured sharing."""
+        if self.cfg.attention == "full":
+            empty = torch.empty(0, 0, device=self.head.weight.device)
+            return empty, empty
+        if self.cfg.sharing == "layerwise":
+            return self.proj[0], self.proj[0]
+        if self.cfg.sharing == "kv":
+            return self.proj[layer], self.proj[layer]
+        return self.proj[2 * layer], self.proj[2 * layer + 1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T), right-padded; returns logits (B, num_labels)."""
+        T = input_ids.shape[1]
+        if not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and self.cfg.n_max < T:
+            raise SequenceTooLongError(
+                f"input has {T} tokens but this model accepts at most n_max={self.cfg.n_max}; "
+                "chunk or truncate it first"
+            )
+        keep = attention_mask.bool()  # (B, T)
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
+        lengths = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+        scale = lengths.to(x.dtype).rsqrt().unsqueeze(-1)  # (B, 1, 1)
+        for i, block in enumerate(self.blocks):
+            E, F_ = self.projections(i)
+            x = block(x, keep, E, F_, scale)
+        x = self.ln_f(x)
+        # Masked mean: pad positions carry garbage and must not reach the pooled vector.
+        pooled = torch.where(keep.unsqueeze(-1), x, 0.0).sum(dim=1) / lengths.to(x.dtype)
+        return self.head(pooled)  # (B, num_labels)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

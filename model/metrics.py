@@ -1,0 +1,110 @@
+"""Classification metrics and the validation-only threshold rule."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+
+def choose_threshold(scores: np.ndarray, flagged: np.ndarray) -> float:
+    """The threshold maximising F1 of `flagged` on these scores; the median of ties.
+
+    Candidates are the midpoints between consecutive distinct scores, so the choice does not
+    sit on any one example's score.
+    """
+    s = np.unique(scores)
+    cands = (
+        np.concatenate([[s[0] / 2], (s[:-1] + s[1:]) / 2, [(s[-1] + 1) / 2]])
+        if len(s)
+        else np.array([0.5])
+    )
+    pos = flagged.astype(bool)
+    best, ties = -1.0, []
+    for t in cands:
+        pred = scores >= t
+        tp = int((pred & pos).sum())
+        fp = int((pred & ~pos).sum())
+        fn = int((~pred & pos).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        if f1 > best + 1e-12:
+            best, ties = f1, [t]
+        elif abs(f1 - best) <= 1e-12:
+            ties.append(t)
+    return float(np.median(ties))
+
+
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE over equal-width confidence bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in itertools.pairwise(edges):
+        sel = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def binary_report(
+    scores: np.ndarray, positive: np.ndarray, threshold: float, groups: list[str] | None = None
+) -> dict[str, Any]:
+    """Metrics for flagging by `scores >= threshold` against the boolean truth `positive`."""
+    from sklearn.metrics import roc_auc_score
+
+    pos = positive.astype(bool)
+    pred = scores >= threshold
+    tp, fp = int((pred & pos).sum()), int((pred & ~pos).sum())
+    fn, tn = int((~pred & pos).sum()), int((~pred & ~pos).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    # Calibration of the binary probability: confidence in whichever side was predicted.
+    conf = np.where(pred, scores, 1 - scores)
+    out: dict[str, Any] = {
+        "n": len(scores),
+        "threshold": threshold,
+        "accuracy": (tp + tn) / len(scores),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "roc_auc": float(roc_auc_score(pos, scores)) if 0 < pos.sum() < len(pos) else None,
+        "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+        "calibration_error": expected_calibration_error(conf, pred == pos),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    }
+    if groups is not None:
+        g = np.array(groups)
+        out["flag_rate_by_group"] = {
+            name: {
+                "n": int((g == name).sum()),
+                "flagged": int(pred[g == name].sum()),
+                "rate": float(pred[g == name].mean()),
+            }
+            for name in sorted(set(groups))
+        }
+    return out
+
+
+def multiclass_report(probs: np.ndarray, y: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    pred = probs.argmax(-1)
+    p, r, f, n = precision_recall_fscore_support(
+        y, pred, labels=range(len(labels)), zero_division=0
+    )
+    return {
+        "accuracy": float((pred == y).mean()),
+        "f1_macro": float(np.mean(f)),
+        "per_label": {
+            lab: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "n": int(n[i]),
+            }
+            for i, lab in enumerate(labels)
+        },
+        "calibration_error": expected_calibration_error(probs.max(-1), pred == y),
+        "confusion_matrix": confusion_matrix(y, pred, labels=range(len(labels))).tolist(),
+    }

@@ -1,0 +1,189 @@
+"""Training run outputs, checkpoints without pickle, evaluation, threshold rule and the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.batching import collate, length_batches
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.metrics import binary_report, choose_threshold, expected_calibration_error
+from model.tokenizer import PAD_ID, load_tokenizer, train_tokenizer
+from model.train import TrainConfig
+
+
+def test_length_batches_respect_the_padded_token_budget_and_cover_everything() -> None:
+    import random
+
+    lengths = [random.Random(i).randint(1, 500) for i in range(300)]
+    for rng in (None, random.Random(0)):
+        batches = length_batches(lengths, max_tokens=2048, max_batch=16, rng=rng)
+        assert sorted(i for b in batches for i in b) == list(range(300))
+        for b in batches:
+            assert len(b) <= 16
+            assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 2048
+
+
+def test_collate_right_pads_with_the_pad_id() -> None:
+    ids, mask = collate([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_tokenizer_carries_its_normalisation(tmp_path: Path) -> None:
+    tok = train_tokenizer(["Hello there, FREE money", "hello again"] * 20, vocab_size=300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.token_to_id("<pad>") == PAD_ID
+    # Runs of spaces and blank lines, and compatibility forms, normalise inside the file itself.
+    same = ["FREE  money\n\n\n now", "FREE money\nnow", "ＦＲＥＥ money \n now"]
+    assert len({tuple(loaded.encode(t).ids) for t in same}) == 1
+
+
+@pytest.mark.slow
+def test_training_run_writes_safetensors_checkpoints_and_a_history(tiny_run: Path) -> None:
+    for ckpt in ("best", "last"):
+        files = sorted(p.name for p in (tiny_run / ckpt).iterdir())
+        assert files == ["model.safetensors", "model_config.json", "train_state.json"]
+        # safetensors: an 8-byte header length then JSON, never a pickle.
+        raw = (tiny_run / ckpt / "model.safetensors").read_bytes()
+        assert raw[8:9] == b"{" and b"\x80\x04" not in raw[:16]
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    assert all(h["tokens_per_second"] > 0 and "val_auc" in h for h in history)
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["machine"]["cpu"] and run["wall_seconds"] > 0 and run["data_sha256"]
+    # Best by validation ROC-AUC (ties: the first), the rule the threshold step relies on; the
+    # mean of the last epochs' weights replaces it only when it validates better still.
+    best = max(history, key=lambda h: h["val_auc"])
+    kept = json.loads((tiny_run / "best" / "train_state.json").read_text())
+    assert run["selected_by"] == "auc" and run["best_epoch"] == kept["epoch"]
+    averaged = run["averaged"]
+    assert averaged["epochs"] == [h["epoch"] for h in history][-TrainConfig().average_last :]
+    if isinstance(kept["epoch"], int):
+        assert kept["epoch"] == best["epoch"] and averaged["val"]["auc"] <= best["val_auc"]
+    else:
+        assert (
+            kept["epoch"].startswith("average of epochs")
+            and averaged["val"]["auc"] > best["val_auc"]
+        )
+    assert sorted(int(p.name) for p in (tiny_run / "epochs").iterdir()) == [
+        h["epoch"] for h in history
+    ]
+
+
+def test_averaged_checkpoint_is_the_mean_of_the_weights(tmp_path: Path) -> None:
+    from model.checkpoint import average_checkpoints, save_checkpoint
+    from model.config import ModelConfig
+    from model.linformer import LinformerClassifier
+
+    cfg = ModelConfig(vocab_size=50, n_max=16, d_model=8, n_layers=1, n_heads=2, d_ff=8, k=4)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(LinformerClassifier(cfg))
+        save_checkpoint(models[-1], tmp_path / str(seed))
+    avg = average_checkpoints([tmp_path / "0", tmp_path / "1"]).state_dict()
+    a, b = (m.state_dict() for m in models)
+    for k in a:
+        assert torch.allclose(avg[k], (a[k] + b[k]) / 2)
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_and_bad_checkpoints_are_clear(tiny_run: Path, tmp_path: Path) -> None:
+    model = load_checkpoint(tiny_run / "best")
+    assert not model.training
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model_config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_same_seed_same_model(tiny_data: Path, tmp_path: Path) -> None:
+    from model.config import ModelConfig
+    from model.train import TrainConfig, train
+    from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+    tc = TrainConfig(**{**TINY_TRAIN, "epochs": 1, "max_train_docs": 30})
+    for name in ("a", "b"):
+        train(tiny_data, tmp_path / name, ModelConfig(**TINY_MODEL), tc, progress=False)
+    a, b = (load_checkpoint(tmp_path / n / "last").state_dict() for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_threshold_maximises_validation_f1_and_takes_the_median_of_ties() -> None:
+    scores = np.array([0.1, 0.2, 0.35, 0.4, 0.8, 0.9])
+    truth = np.array([0, 0, 0, 1, 1, 1])
+    t = choose_threshold(scores, truth)
+    assert 0.35 < t <= 0.4  # the only cut that separates the classes perfectly
+    assert binary_report(scores, truth, t)["f1"] == 1.0
+    # Two separating gaps in a row -> the median of the tied candidates.
+    t2 = choose_threshold(np.array([0.1, 0.5, 0.9]), np.array([0, 1, 1]))
+    assert t2 == pytest.approx(0.3)
+
+
+def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident() -> None:
+    conf = np.full(1000, 0.7)
+    correct = np.arange(1000) < 700
+    assert expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-9)
+    assert expected_calibration_error(np.full(100, 0.99), np.arange(100) < 50) == pytest.approx(
+        0.49
+    )
+
+
+def test_binary_report_counts_and_group_rates() -> None:
+    r = binary_report(
+        np.array([0.9, 0.8, 0.2, 0.6]), np.array([1, 0, 1, 0]), 0.5, ["s", "h", "s", "hh"]
+    )
+    assert r["confusion_matrix"] == {"tn": 0, "fp": 2, "fn": 1, "tp": 1}
+    assert r["flag_rate_by_group"]["hh"] == {"n": 1, "flagged": 1, "rate": 1.0}
+
+
+@pytest.mark.slow
+def test_evaluation_ships_a_complete_artifact(tiny_artifact: Path) -> None:
+    names = {p.name for p in tiny_artifact.iterdir()}
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "metrics.json",
+        "MODEL_CARD.md",
+        "model.safetensors",
+        "model_config.json",
+        "training.json",
+        "model.onnx",
+        "model.int8.onnx",
+    } <= names
+    cfg = json.loads((tiny_artifact / "config.json").read_text())
+    assert cfg["labels"] == ["ham", "spam"] and cfg["flag_labels"] == ["spam"]
+    assert cfg["n_max"] == 64 and 0 < cfg["threshold"] < 1 and cfg["data"]["sha256"]
+    metrics = json.loads((tiny_artifact / "metrics.json").read_text())
+    # The threshold was chosen on validation: it is the one recorded for the test report.
+    assert metrics["model"]["threshold"] == pytest.approx(cfg["threshold"], abs=1e-6)
+    for key in ("model", "model_chunked", "baseline_tfidf_logreg"):
+        r = metrics[key]
+        assert {
+            "f1",
+            "precision",
+            "recall",
+            "roc_auc",
+            "calibration_error",
+            "confusion_matrix",
+        } <= set(r)
+        assert "hard-ham-1" in r["flag_rate_by_group"]
+    card = (tiny_artifact / "MODEL_CARD.md").read_text()
+    for section in (
+        "## Evaluation",
+        "TF-IDF + logistic regression",
+        "## Training",
+        "## ONNX files",
+        "Threshold rule",
+        "Wall time",
+    ):
+        assert section in card
