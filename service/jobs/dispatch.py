@@ -1,0 +1,67 @@
+"""One batch line through the endpoint it names: the route's own validation, limits and response
+body, classified at batch priority, so a line's output is what the HTTP endpoint would answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.batcher import BatcherClosedError, BatcherError, Priority
+from service.documents import DocumentError
+from service.errors import ApiError, error_body, from_classify_error, validation_error
+from service.routes.classify import classify_response
+from service.routes.deps import check_limits
+from service.routes.moderations import moderation_response
+from service.schemas import ClassifyRequest, ModerationRequest
+from service.settings import Aggregation, LongDocumentPolicy
+from service.state import ServiceState
+
+
+def _parse(
+    endpoint: str, body: Any
+) -> tuple[list[str], LongDocumentPolicy | None, Aggregation | None]:
+    # from_attributes as FastAPI validates bodies, so error messages match the route's.
+    if endpoint == "/v1/moderations":
+        moderation = ModerationRequest.model_validate(body, from_attributes=True)
+        return moderation.texts(), None, None
+    request = ClassifyRequest.model_validate(body, from_attributes=True)
+    texts = [request.input] if isinstance(request.input, str) else request.input
+    return texts, request.long_document, request.aggregation
+
+
+async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> tuple[int, Any]:
+    """(status code, response body) of the endpoint for this JSON body. Raises
+    BatcherClosedError while the server stops, so the line can be handed back unfinished."""
+    classifier = state.classifier
+    settings = state.settings
+    if classifier is None:
+        raise BatcherClosedError("the classifier is not running")
+    try:
+        texts, long_document, aggregation = _parse(endpoint, json.loads(body))
+        check_limits(texts, settings)
+        outcome = await classifier.classify(
+            texts,
+            long_document=long_document or settings.long_document,
+            aggregation=aggregation,
+            priority=Priority.BATCH,
+            wait_for_room=True,
+        )
+    except ValidationError as exc:
+        return _answer(validation_error(exc.errors()))
+    except ApiError as exc:
+        return _answer(exc)
+    except BatcherClosedError:
+        raise
+    except (BatcherError, DocumentError) as exc:
+        return _answer(from_classify_error(exc))
+    if endpoint == "/v1/moderations":
+        response = moderation_response(outcome, classifier.config, state.model_name, rid)
+        return 200, response.model_dump(mode="json")
+    return 200, classify_response(outcome, state.model_name, rid).model_dump(mode="json")
+
+
+def _answer(error: ApiError) -> tuple[int, Any]:
+    return error.status, error_body(error.message, error.type, error.code)

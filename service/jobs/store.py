@@ -1,0 +1,324 @@
+"""The API's side of the job store: files and batches as their owners see, make and cancel them.
+
+Every call is blocking (run it through `Database.run`) and filters by owner, so another key's
+objects are simply not found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, Row, delete, func, insert, select, update
+
+from service.jobs.db import Database, batch_lines, batches, file_lines, files, new_id
+
+VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
+COMPLETED, FAILED, EXPIRED = "completed", "failed", "expired"
+CANCELLING, CANCELLED = "cancelling", "cancelled"
+ACTIVE = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
+STATUSES = (*ACTIVE, COMPLETED, FAILED, EXPIRED, CANCELLED)
+PENDING, CLAIMED, DONE = "pending", "claimed", "done"  # a line's state
+SUCCEEDED = "succeeded"  # a line's outcome: succeeded or failed
+UPLOADING, PROCESSED = "uploading", "processed"
+
+R = TypeVar("R")
+
+
+class JobStoreError(Exception):
+    """Something the caller asked for that the store cannot do."""
+
+
+class UnknownObjectError(JobStoreError):
+    """No such file or batch, or not the caller's."""
+
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"no {kind} {object_id!r}")
+        self.kind = kind
+
+
+class StateConflictError(JobStoreError):
+    """The batch's status does not allow this."""
+
+
+class WrongFileError(JobStoreError):
+    """The file exists but cannot be used this way."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    owner: str | None
+    purpose: str
+    kind: str  # input | output | error
+    filename: str
+    bytes: int
+    lines: int
+    status: str
+    batch_id: str | None
+    created_at: float
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    id: str
+    owner: str | None
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    metadata: str | None
+    model: str
+    status: str
+    errors: str | None
+    total: int
+    completed: int
+    failed: int
+    output_file_id: str | None
+    error_file_id: str | None
+    output_ttl_s: float | None
+    created_at: float
+    expires_at: float
+    in_progress_at: float | None
+    finalizing_at: float | None
+    completed_at: float | None
+    failed_at: float | None
+    expired_at: float | None
+    cancelling_at: float | None
+    cancelled_at: float | None
+
+
+def record(cls: type[R], row: Row[Any]) -> R:
+    """A record dataclass from a table row (extra columns ignored)."""
+    mapping = row._mapping
+    return cls(**{f.name: mapping[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def owned(column: Any, owner: str | None) -> ColumnElement[bool]:
+    """Rows of this owner (NULL when the server has no API keys)."""
+    result: ColumnElement[bool] = column.is_(None) if owner is None else column == owner
+    return result
+
+
+class JobStore:
+    """Files and batches, as the HTTP routes use them."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    # -- files -------------------------------------------------------------------------------
+
+    def begin_file(self, owner: str | None, filename: str) -> str:
+        """A file row for an upload in progress (invisible until `complete_file`)."""
+        file_id = new_id("file-")
+        with self.db.write() as conn:
+            conn.execute(
+                insert(files).values(
+                    id=file_id, owner=owner, purpose="batch", kind="input", filename=filename,
+                    bytes=0, lines=0, status=UPLOADING, created_at=self.clock(),
+                )
+            )  # fmt: skip
+        return file_id
+
+    def add_lines(self, file_id: str, lines: Sequence[tuple[int, str]]) -> None:
+        """Store the next lines of an upload, in one transaction."""
+        if lines:
+            rows = [{"file_id": file_id, "line_no": n, "text": text} for n, text in lines]
+            with self.db.write() as conn:
+                conn.execute(insert(file_lines), rows)
+
+    def complete_file(self, file_id: str, *, size: int, lines: int, ttl_s: float) -> FileRecord:
+        """Make an upload visible; it expires `ttl_s` after it began."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(files)
+                .where(files.c.id == file_id)
+                .values(
+                    status=PROCESSED, bytes=size, lines=lines, expires_at=files.c.created_at + ttl_s
+                )
+            )
+            row = conn.execute(select(files).where(files.c.id == file_id)).one()
+        return record(FileRecord, row)
+
+    def discard_file(self, file_id: str) -> None:
+        """Remove an upload that failed, and any lines it stored."""
+        with self.db.write() as conn:
+            conn.execute(delete(file_lines).where(file_lines.c.file_id == file_id))
+            conn.execute(delete(files).where(files.c.id == file_id))
+
+    def get_file(self, file_id: str, owner: str | None) -> FileRecord:
+        """A complete file of this owner."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(files).where(
+                    files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED
+                )
+            ).first()
+        if row is None:
+            raise UnknownObjectError("file", file_id)
+        return record(FileRecord, row)
+
+    def read_content(self, file: FileRecord, after: int, limit: int) -> list[tuple[int, str]]:
+        """The next lines of a file after line `after`: (line number, text with newline)."""
+        with self.db.read() as conn:
+            if file.kind == "input":
+                c = file_lines.c
+                query = select(c.line_no, c.text).where(c.file_id == file.id, c.line_no > after)
+                rows = conn.execute(query.order_by(c.line_no).limit(limit)).all()
+                return [(n, text) for n, text in rows]
+            outcome = SUCCEEDED if file.kind == "output" else FAILED
+            b = batch_lines.c
+            query = select(b.line_no, b.result).where(
+                b.batch_id == file.batch_id, b.outcome == outcome, b.line_no > after
+            )
+            rows = conn.execute(query.order_by(b.line_no).limit(limit)).all()
+            return [(n, f"{result}\n") for n, result in rows]
+
+    def delete_file(self, file_id: str, owner: str | None) -> None:
+        """Delete a file (a batch already reading it keeps its own copy of the requests)."""
+        with self.db.write() as conn:
+            deleted = conn.execute(
+                delete(files).where(
+                    files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED
+                )
+            ).rowcount
+            if not deleted:
+                raise UnknownObjectError("file", file_id)
+            conn.execute(delete(file_lines).where(file_lines.c.file_id == file_id))
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        owner: str | None,
+        *,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        window_s: float,
+        metadata: dict[str, str] | None,
+        model: str,
+        output_ttl_s: float | None = None,
+    ) -> BatchRecord:
+        """A new batch, validating, over one of the owner's uploaded files."""
+        now = self.clock()
+        batch_id = new_id("batch_")
+        with self.db.write() as conn:
+            file = self._visible_file(conn, input_file_id, owner)
+            if file.kind != "input":
+                raise WrongFileError(
+                    f"file {input_file_id!r} is a batch's {file.kind} file; a batch reads a file "
+                    "uploaded with purpose 'batch'"
+                )
+            conn.execute(
+                insert(batches).values(
+                    id=batch_id, owner=owner, endpoint=endpoint, input_file_id=input_file_id,
+                    completion_window=completion_window, model=model, status=VALIDATING,
+                    metadata=json.dumps(metadata) if metadata is not None else None,
+                    total=file.lines, completed=0, failed=0, output_ttl_s=output_ttl_s,
+                    created_at=now, expires_at=now + window_s,
+                )
+            )  # fmt: skip
+            return self._batch(conn, batch_id, owner)
+
+    def _visible_file(self, conn: Any, file_id: str, owner: str | None) -> FileRecord:
+        row = conn.execute(
+            select(files).where(
+                files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED
+            )
+        ).first()
+        if row is None:
+            raise UnknownObjectError("file", file_id)
+        return record(FileRecord, row)
+
+    def _batch(self, conn: Any, batch_id: str, owner: str | None) -> BatchRecord:
+        row = conn.execute(
+            select(batches).where(batches.c.id == batch_id, owned(batches.c.owner, owner))
+        ).first()
+        if row is None:
+            raise UnknownObjectError("batch", batch_id)
+        return _counted(conn, [record(BatchRecord, row)])[0]
+
+    def get_batch(self, batch_id: str, owner: str | None) -> BatchRecord:
+        """One of the owner's batches."""
+        with self.db.read() as conn:
+            return self._batch(conn, batch_id, owner)
+
+    def list_batches(
+        self, owner: str | None, *, after: str | None, limit: int
+    ) -> tuple[list[BatchRecord], bool]:
+        """The owner's batches, newest first, after the batch `after`; and whether more follow."""
+        with self.db.read() as conn:
+            query = select(batches).where(owned(batches.c.owner, owner))
+            if after is not None:
+                seq = conn.execute(
+                    select(batches.c.seq).where(
+                        batches.c.id == after, owned(batches.c.owner, owner)
+                    )
+                ).scalar()
+                if seq is None:
+                    raise UnknownObjectError("batch", after)
+                query = query.where(batches.c.seq < seq)
+            rows = conn.execute(query.order_by(batches.c.seq.desc()).limit(limit + 1)).all()
+            found = _counted(conn, [record(BatchRecord, row) for row in rows[:limit]])
+        return found, len(rows) > limit
+
+    def cancel_batch(self, batch_id: str, owner: str | None) -> BatchRecord:
+        """Ask workers to stop a validating or in-progress batch (cancelling, then cancelled)."""
+        with self.db.write() as conn:
+            conn.execute(
+                update(batches)
+                .where(
+                    batches.c.id == batch_id,
+                    owned(batches.c.owner, owner),
+                    batches.c.status.in_((VALIDATING, IN_PROGRESS)),
+                )
+                .values(status=CANCELLING, cancelling_at=self.clock())
+            )
+            batch = self._batch(conn, batch_id, owner)
+        if batch.status not in (CANCELLING, CANCELLED):
+            raise StateConflictError(
+                f"batch {batch_id!r} is {batch.status}; only a validating or in_progress batch "
+                "can be cancelled"
+            )
+        return batch
+
+    def count_batches(self) -> dict[str, int]:
+        """Batches in the store by status (every owner)."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(batches.c.status, func.count()).group_by(batches.c.status)
+            ).all()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({status: int(n) for status, n in rows})
+        return counts
+
+
+def _counted(conn: Any, found: list[BatchRecord]) -> list[BatchRecord]:
+    """Batches with the counts of their lines done so far: a running batch's row holds its
+    counts only once it ends, so that writing a result never waits on the batch's row."""
+    running = [b.id for b in found if b.status in (IN_PROGRESS, FINALIZING, CANCELLING)]
+    if not running:
+        return found
+    c = batch_lines.c
+    counts = {
+        (batch_id, outcome): int(n)
+        for batch_id, outcome, n in conn.execute(
+            select(c.batch_id, c.outcome, func.count())
+            .where(c.batch_id.in_(running), c.state == DONE)
+            .group_by(c.batch_id, c.outcome)
+        ).all()
+    }
+    return [
+        dataclasses.replace(
+            b, completed=counts.get((b.id, SUCCEEDED), 0), failed=counts.get((b.id, FAILED), 0)
+        )
+        if b.id in running
+        else b
+        for b in found
+    ]
