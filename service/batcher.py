@@ -1,0 +1,413 @@
+"""Dynamic batching: a priority queue of token windows, and the tasks that make engine runs of it.
+
+Pure asyncio, no HTTP. A caller (a route, the batch-jobs worker) submits one request's windows,
+admitted all or none, and gets their logits [len(windows), num_labels] in order:
+
+    result = await batcher.submit(windows, priority=Priority.BATCH, deadline=loop.time() + 600,
+                                  wait_for_room=True)
+
+`submit` raises QueueFullError (`retry_after` seconds), DeadlineExceededError, BatchFailedError
+(the engine failed on a batch holding one of its windows) or BatcherClosedError. Interactive
+windows go first; batch-job windows fill the room left and are bounded apart (`max_job_items`
+queued or running); with `wait_for_room=True` a job waits for room instead of being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine import Engine, FloatArray, IntArray, collate
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class Priority(enum.IntEnum):
+    """Lower runs first."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+    @property
+    def label(self) -> str:
+        """The metric label value."""
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Batch forming and admission limits (see Settings for their meaning)."""
+
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 32
+    max_wait_s: float = 0.005
+    max_queue_items: int = 1024
+    max_queue_tokens: int = 1_048_576
+    max_job_items: int = 256
+    # A window joins a batch only while real tokens stay at least this share of padded tokens:
+    # on a CPU an engine run costs what its padded tokens cost.
+    min_batch_fill: float = 0.85
+    # Padded tokens of a batch of batch-job windows: an interactive request arriving while one
+    # runs waits for it, so it is kept short.
+    max_job_batch_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """Logits of the submitted windows and where their time went."""
+
+    logits: FloatArray
+    queue_s: float  # longest wait of any window before its batch was formed
+    inference_s: float  # engine time of the batches its windows ran in
+    batches: int
+
+
+class BatcherError(Exception):
+    """Base of the errors `submit` raises."""
+
+
+class QueueFullError(BatcherError):
+    """No room for the whole request; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(BatcherError):
+    """The deadline passed before every window had run."""
+
+
+class BatchFailedError(BatcherError):
+    """The engine raised on a batch that held one of the request's windows."""
+
+
+class BatcherClosedError(BatcherError):
+    """The batcher is shutting down and takes no new work."""
+
+
+class _Request:
+    __slots__ = ("batches", "future", "inference_s", "logits", "priority", "queue_s", "remaining")
+
+    def __init__(self, n: int, num_labels: int, priority: Priority, future: asyncio.Future[None]):
+        self.future = future
+        self.priority = priority
+        self.logits = np.zeros((n, num_labels), dtype=np.float32)
+        self.remaining = n
+        self.queue_s = 0.0
+        self.inference_s = 0.0
+        self.batches = 0
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    ids: IntArray
+    enqueued: float
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.size)
+
+
+class DynamicBatcher:
+    """Owns the queue: one task forms batches, one runs them on the engine in a thread."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, config: BatcherConfig) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self.config = config
+        self._n_max = engine.config.n_max
+        self._num_labels = len(engine.config.labels)
+        self._pending: dict[Priority, list[_Item]] = {p: [] for p in Priority}
+        self._tokens: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._job_items = 0  # batch-job windows queued or running
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._ready: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=1)
+        self._runner_idle = True
+        self._run_seconds = 0.05  # running mean of a batch's engine time, for Retry-After
+        self._closing = False
+        self._live: set[_Request] = set()  # admitted, not yet answered
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmod-engine")
+
+    async def start(self) -> None:
+        """Start the forming and running tasks."""
+        self._tasks = [
+            asyncio.create_task(self._form_loop(), name="linmod-batch-former"),
+            asyncio.create_task(self._run_loop(), name="linmod-batch-runner"),
+        ]
+
+    def queued(self, priority: Priority) -> tuple[int, int]:
+        """(windows, tokens) waiting at this priority."""
+        return len(self._pending[priority]), self._tokens[priority]
+
+    async def submit(
+        self,
+        windows: Sequence[IntArray],
+        *,
+        priority: Priority = Priority.INTERACTIVE,
+        deadline: float | None = None,
+        wait_for_room: bool = False,
+    ) -> SubmitResult:
+        """Classify token windows; `deadline` is in the running loop's time() clock."""
+        if self._closing:
+            raise BatcherClosedError("the service is shutting down")
+        for window in windows:
+            if not 0 < window.size <= self._n_max:
+                raise ValueError(f"a window must have 1 to {self._n_max} tokens, not {window.size}")
+        loop = asyncio.get_running_loop()
+        request = _Request(len(windows), self._num_labels, priority, loop.create_future())
+        if not windows:
+            return SubmitResult(request.logits, 0.0, 0.0, 0)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._admit(request, windows, wait_for_room)
+                self._live.add(request)
+                request.future.add_done_callback(lambda _: self._live.discard(request))
+                now = loop.time()
+                items = [_Item(request, i, w, now) for i, w in enumerate(windows)]
+                self._pending[priority].extend(items)
+                self._account(priority, sum(i.length for i in items))
+                self._wakeup.set()
+                await request.future
+        except TimeoutError:
+            self._abandon(request)
+            self._metrics.rejections.labels("deadline").inc()
+            raise DeadlineExceededError("the request's deadline passed while it waited") from None
+        except asyncio.CancelledError:
+            # The caller has gone: its windows leave the queue and never reach the engine.
+            self._abandon(request)
+            self._metrics.rejections.labels("cancelled").inc()
+            raise
+        return SubmitResult(request.logits, request.queue_s, request.inference_s, request.batches)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, run what is queued, then stop; after `timeout` fail the rest."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wakeup.set()
+        self._room.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*self._tasks)
+        except TimeoutError:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for request in list(self._live):
+            self._fail(request, BatcherClosedError("the service shut down before it ran"))
+        self._executor.shutdown(wait=False)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    async def _admit(self, request: _Request, windows: Sequence[IntArray], wait: bool) -> None:
+        n, tokens = len(windows), sum(int(w.size) for w in windows)
+        cfg = self.config
+        if request.priority is Priority.INTERACTIVE:
+            items, queued_tokens = self.queued(Priority.INTERACTIVE)
+            # An empty queue admits anything, so a request larger than the bounds still runs.
+            if items and (
+                items + n > cfg.max_queue_items or queued_tokens + tokens > cfg.max_queue_tokens
+            ):
+                self._metrics.rejections.labels("queue_full").inc()
+                raise QueueFullError("the queue is full", self._retry_after())
+            return
+        while self._job_items and self._job_items + n > cfg.max_job_items:
+            if not wait:
+                self._metrics.rejections.labels("queue_full").inc()
+                raise QueueFullError("too many batch-job windows in flight", self._retry_after())
+            self._room.clear()
+            await self._room.wait()
+            if self._closing:
+                raise BatcherClosedError("the service is shutting down")
+        self._job_items += n
+
+    def _retry_after(self) -> int:
+        items = sum(len(p) for p in self._pending.values())
+        tokens = sum(self._tokens.values())
+        batches = max(items / self.config.max_batch_size, tokens / self.config.max_batch_tokens)
+        return max(1, min(60, math.ceil((batches + 1) * self._run_seconds)))
+
+    def _account(self, priority: Priority, tokens: int) -> None:
+        self._tokens[priority] += tokens
+        self._metrics.queue_items.labels(priority.label).set(len(self._pending[priority]))
+        self._metrics.queue_tokens.labels(priority.label).set(self._tokens[priority])
+
+    def _abandon(self, request: _Request) -> None:
+        if not request.future.done():
+            request.future.cancel()
+        pending = self._pending[request.priority]
+        gone = [item for item in pending if item.request is request]
+        if gone:
+            self._pending[request.priority] = [i for i in pending if i.request is not request]
+            self._account(request.priority, -sum(i.length for i in gone))
+            self._release_jobs(request.priority, len(gone))
+
+    def _release_jobs(self, priority: Priority, n: int) -> None:
+        if priority is Priority.BATCH and n:
+            self._job_items -= n
+            self._room.set()
+
+    # -- forming -----------------------------------------------------------------------------
+
+    async def _form_loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self._runner_idle = False  # it has work from now on
+            await self._ready.put(batch)  # waits only to queue the end marker
+            if batch is None:
+                return
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """Wait until a batch should leave, then take it from the queue (None: closed)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wakeup.clear()
+            oldest = self._oldest()
+            if oldest is None:
+                if self._closing:
+                    return None
+                await self._wakeup.wait()
+                continue
+            waited = loop.time() - oldest.enqueued
+            # At most one batch waits for the engine. A partial batch leaves after max-wait,
+            # but not while the engine is busy: waiting for the engine can only fill it more.
+            slot_free = self._ready.empty()
+            expired = waited >= self.config.max_wait_s
+            priority = oldest.request.priority
+            leave = self._closing or self._can_fill(priority) or (expired and self._runner_idle)
+            if priority is not Priority.INTERACTIVE:
+                # Batch-job windows leave only for an idle engine, so the slot stays free for an
+                # interactive batch and one arriving waits behind at most one short job batch.
+                leave = leave and self._runner_idle
+            if slot_free and leave:
+                return self._take(self._select(oldest))
+            timeout = None if expired or not slot_free else self.config.max_wait_s - waited
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    def _oldest(self) -> _Item | None:
+        for priority in Priority:
+            if self._pending[priority]:
+                return self._pending[priority][0]
+        return None
+
+    def _can_fill(self, priority: Priority) -> bool:
+        """Enough windows of one priority are waiting to fill a batch (priorities do not mix)."""
+        items, tokens = len(self._pending[priority]), self._tokens[priority]
+        return items >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
+
+    def _select(self, anchor: _Item) -> list[_Item]:
+        """The oldest window of the first priority, then the closest in length that fit.
+
+        Anchoring on the oldest keeps the queue fair; choosing neighbours by length, and only
+        while real tokens stay `min_batch_fill` of padded ones, keeps padding small. Windows of
+        one priority share a batch: batch-job windows never lengthen an interactive run.
+        """
+        cfg = self.config
+        budget = cfg.max_batch_tokens
+        if anchor.request.priority is not Priority.INTERACTIVE:
+            budget = max(min(budget, cfg.max_job_batch_tokens), anchor.length)
+        selected, longest, real = [anchor], anchor.length, anchor.length
+        candidates = [i for i in self._pending[anchor.request.priority] if i is not anchor]
+        candidates.sort(key=lambda i: abs(i.length - anchor.length))  # stable: age breaks ties
+        for item in candidates:
+            if len(selected) == cfg.max_batch_size:
+                break
+            grown = max(longest, item.length)
+            padded = grown * (len(selected) + 1)
+            if padded <= budget and real + item.length >= cfg.min_batch_fill * padded:
+                selected.append(item)
+                longest, real = grown, real + item.length
+        return selected
+
+    def _take(self, batch: list[_Item]) -> list[_Item]:
+        now = asyncio.get_running_loop().time()
+        taken = {id(item) for item in batch}
+        for priority in Priority:
+            mine = [i for i in batch if i.request.priority is priority]
+            if not mine:
+                continue
+            self._pending[priority] = [i for i in self._pending[priority] if id(i) not in taken]
+            self._account(priority, -sum(i.length for i in mine))
+            wait = self._metrics.queue_wait.labels(priority.label)
+            for item in mine:
+                wait.observe(now - item.enqueued)
+                item.request.queue_s = max(item.request.queue_s, now - item.enqueued)
+        return batch
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._runner_idle = True
+            self._wakeup.set()  # a partial batch held back for a busy engine may leave now
+            batch = await self._ready.get()
+            self._runner_idle = False
+            self._wakeup.set()  # the slot is free: the next batch may be formed
+            if batch is None:
+                return
+            live = [item for item in batch if not item.request.done]
+            try:
+                if live:
+                    await self._run(loop, live)
+            finally:
+                for priority in Priority:
+                    self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        ids, mask = collate([item.ids for item in batch], self._engine.config.pad_id)
+        start = time.perf_counter()
+        try:
+            logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask)
+            if logits.shape != (len(batch), self._num_labels):
+                raise RuntimeError(f"engine returned logits of shape {logits.shape}")
+        except Exception as exc:
+            log.exception("inference failed", extra={"batch": ids.shape[0], "length": ids.shape[1]})
+            failed = {id(i.request): i.request for i in batch}.values()
+            for request in failed:
+                self._metrics.rejections.labels("engine_error").inc()
+                self._fail(request, BatchFailedError(f"inference failed: {str(exc)[:300]}"))
+            return
+        seconds = time.perf_counter() - start
+        self._run_seconds = 0.8 * self._run_seconds + 0.2 * seconds
+        self._metrics.observe_batch(len(batch), int(mask.sum()), int(mask.size), seconds)
+        touched: set[int] = set()
+        for row, item in enumerate(batch):
+            request = item.request
+            if request.done:
+                continue
+            request.logits[item.index] = logits[row]
+            request.remaining -= 1
+            if id(request) not in touched:
+                touched.add(id(request))
+                request.inference_s += seconds
+                request.batches += 1
+            if request.remaining == 0:
+                request.future.set_result(None)
+
+    def _fail(self, request: _Request, error: BatcherError) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+        self._abandon(request)

@@ -1,0 +1,232 @@
+"""Inference engines: the model artifact's config, an ONNX Runtime engine and a weightless fake.
+
+An engine maps right-padded int64 (input_ids, attention_mask) to float32 logits; it is called
+from one worker thread at a time and knows nothing of queues or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.settings import Device, Precision
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+IntArray = NDArray[np.int64]
+FloatArray = NDArray[np.float32]
+
+
+class EngineError(RuntimeError):
+    """The model cannot be loaded or run as configured."""
+
+
+class ModelConfig(BaseModel):
+    """config.json of a model artifact; unknown keys are kept and shown on /info."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=(), frozen=True)
+
+    name: str
+    version: str
+    labels: list[str] = Field(min_length=2)
+    flag_labels: list[str] = Field(min_length=1)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    n_max: int = Field(ge=1)
+    pad_id: int = 0
+    k: int | None = None
+
+    @model_validator(mode="after")
+    def _flag_labels_known(self) -> ModelConfig:
+        unknown = set(self.flag_labels) - set(self.labels)
+        if unknown:
+            raise ValueError(f"flag_labels not in labels: {sorted(unknown)}")
+        return self
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelConfig:
+        """Read and validate `model_dir/config.json`."""
+        path = model_dir / "config.json"
+        try:
+            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot read model config {path}: {exc}") from exc
+
+    @property
+    def flag_indices(self) -> list[int]:
+        """Logit columns of the labels that flag a document."""
+        return [self.labels.index(label) for label in self.flag_labels]
+
+
+class Engine(Protocol):
+    """What the batcher needs from a model."""
+
+    config: ModelConfig
+    provider: str
+    precision: str
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
+        """Logits [batch, num_labels] for right-padded inputs [batch, length]."""
+        ...
+
+    def close(self) -> None:
+        """Release the model."""
+        ...
+
+
+def choose_precision(requested: Precision, on_cuda: bool, model_dir: Path) -> str:
+    """The precision to load: the requested one, or for auto the best file present."""
+    if requested != "auto":
+        if not (model_dir / MODEL_FILES[requested]).is_file():
+            raise EngineError(
+                f"precision {requested}: {model_dir / MODEL_FILES[requested]} missing"
+            )
+        return requested
+    preferred = "fp16" if on_cuda else "int8"
+    return preferred if (model_dir / MODEL_FILES[preferred]).is_file() else "fp32"
+
+
+class OnnxEngine:
+    """An ONNX Runtime session over one model file; `load` picks provider and precision."""
+
+    def __init__(self, session: Any, config: ModelConfig, precision: str) -> None:
+        self._session = session
+        self.config = config
+        self.precision = precision
+        self.provider: str = session.get_providers()[0]
+        names = {i.name for i in session.get_inputs()}
+        if not {"input_ids", "attention_mask"} <= names:
+            raise EngineError(f"model inputs are {sorted(names)}, need input_ids, attention_mask")
+        outputs = [o.name for o in session.get_outputs()]
+        self._output = "logits" if "logits" in outputs else outputs[0]
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        *,
+        device: Device = "auto",
+        precision: Precision = "auto",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ) -> OnnxEngine:
+        """Create the session; `cuda` fails unless CUDA is really in use, `auto` falls back."""
+        import onnxruntime as ort  # imported here so that tests of the fake engine skip it
+
+        config = ModelConfig.from_dir(model_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+
+        def session(prec: str, providers: list[str]) -> Any:
+            path = model_dir / MODEL_FILES[prec]
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as exc:  # ORT raises its own untyped errors
+                raise EngineError(f"cannot load {path}: {exc}") from exc
+
+        has_cuda = CUDA in ort.get_available_providers()
+        if device == "cuda" and not has_cuda:
+            raise EngineError("device=cuda, but this onnxruntime build has no CUDA provider")
+        if device != "cpu" and has_cuda:
+            prec = choose_precision(precision, True, model_dir)
+            sess = session(prec, [CUDA, CPU])
+            # onnxruntime-gpu quietly falls back to CPU when CUDA or cuDNN libraries are
+            # missing, so only the providers of the created session tell the truth.
+            if CUDA in sess.get_providers():
+                log.info("model loaded", extra={"provider": CUDA, "precision": prec})
+                return cls(sess, config, prec)
+            if device == "cuda":
+                raise EngineError(
+                    "device=cuda, but ONNX Runtime could not use CUDA (are the CUDA and cuDNN "
+                    "libraries it needs installed?); use --device auto or cpu to run on CPU"
+                )
+            log.warning("CUDA unavailable, falling back to CPU", extra={"provider": CPU})
+        prec = choose_precision(precision, False, model_dir)
+        engine = cls(session(prec, [CPU]), config, prec)
+        log.info("model loaded", extra={"provider": engine.provider, "precision": prec})
+        return engine
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
+        """Logits [batch, num_labels] as float32 (fp16 models are cast up)."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        (logits,) = self._session.run([self._output], feeds)
+        return np.asarray(logits, dtype=np.float32)
+
+    def close(self) -> None:
+        """Drop the session."""
+        self._session = None
+
+
+class FakeEngine:
+    """A deterministic, batch-invariant function of each row's real ids; no weights.
+
+    It serves API tests and lets the HTTP layer be measured without a model; `delay_s`
+    stands in for compute time. `runs` records the (batch, length) of every call.
+    """
+
+    def __init__(self, config: ModelConfig, *, delay_s: float = 0.0) -> None:
+        self.config = config
+        self.provider = "fake"
+        self.precision = "fp32"
+        self.delay_s = delay_s
+        self.runs: list[tuple[int, int]] = []
+
+    def run(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
+        """Logits from a hash of each row's unpadded ids."""
+        self.runs.append((int(input_ids.shape[0]), int(input_ids.shape[1])))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        num_labels = len(self.config.labels)
+        logits = np.empty((input_ids.shape[0], num_labels), dtype=np.float32)
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
+            real = ids[mask.astype(bool)]
+            seed = int((real * (np.arange(real.size) % 31 + 1)).sum() % 1_000_003)
+            columns = np.arange(num_labels)
+            logits[row] = ((seed * (columns + 7) * 2_654_435_761) % 1000) / 125.0 - 4.0
+        return logits
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def collate(windows: Sequence[IntArray], pad_id: int) -> tuple[IntArray, IntArray]:
+    """Right-padded input_ids and attention_mask [batch, longest], as the model expects."""
+    longest = max(int(w.size) for w in windows)
+    ids = np.full((len(windows), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(windows), longest), dtype=np.int64)
+    for row, window in enumerate(windows):
+        ids[row, : window.size] = window
+        mask[row, : window.size] = 1
+    return ids, mask
+
+
+def warmup_shapes(n_max: int, max_batch_tokens: int, max_batch_size: int) -> list[tuple[int, int]]:
+    """(batch, length) pairs that cover short, long and full batches."""
+    shapes = {(1, min(16, n_max)), (1, n_max)}
+    for length in (min(64, n_max), n_max):
+        batch = max(1, min(max_batch_size, max_batch_tokens // length))
+        shapes.add((batch, length))
+    return sorted(shapes)
+
+
+def warmup(engine: Engine, shapes: list[tuple[int, int]]) -> float:
+    """Run each shape once (allocators, kernels, CUDA graphs); returns seconds taken."""
+    start = time.perf_counter()
+    token = 1 if engine.config.pad_id != 1 else 2  # any id but the pad id
+    for batch, length in shapes:
+        ids = np.full((batch, length), token, dtype=np.int64)
+        engine.run(ids, np.ones((batch, length), dtype=np.int64))
+    return time.perf_counter() - start

@@ -1,0 +1,123 @@
+"""Per-request bookkeeping in plain ASGI: request id, total time, HTTP metrics, access log."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import INVALID, error_body
+from service.metrics import Metrics
+
+log = logging.getLogger("linmod.access")
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+UNMATCHED = "unmatched"  # one label for every unknown path, so scanners cannot grow the series
+# Scrapes and probes arrive every few seconds; logging each at info would drown the rest.
+QUIET_ROUTES = frozenset({"/metrics", "/health", "/ready"})
+
+
+def request_id(scope: Scope) -> str:
+    """The id of the request in this scope."""
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (a client's own x-request-id if sane) and measures it."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get("x-request-id", "")
+        rid = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = rid
+                headers["x-total-time-ms"] = f"{(time.perf_counter() - start) * 1000:.2f}"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            seconds = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            method = scope["method"]
+            self.metrics.http_requests.labels(template, method, str(status)).inc()
+            self.metrics.http_duration.labels(template, method).observe(seconds)
+            quiet = template in QUIET_ROUTES and status < 400
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "request",
+                extra={
+                    "request_id": rid,
+                    "method": method,
+                    "path": scope["path"],
+                    "route": template,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                },
+            )
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit without reading it: at once when Content-Length says so,
+    else as soon as the bytes received pass the limit. `overrides` maps path prefixes to
+    their own limits (file uploads); it is read per request, so it may be filled after start.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, metrics: Metrics, overrides: Mapping[str, int]
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.overrides = overrides
+
+    def _limit_for(self, path: str) -> int:
+        matches = [prefix for prefix in self.overrides if path.startswith(prefix)]
+        return self.overrides[max(matches, key=len)] if matches else self.limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self._limit_for(scope["path"])
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            self.metrics.rejections.labels("too_large").inc()
+            body = error_body(f"the body is over {limit} bytes", INVALID, "body_too_large")
+            await JSONResponse(body, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # FastAPI passes HTTPExceptions from body reading on to the error handlers.
+                    raise StarletteHTTPException(413, f"the body is over {limit} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

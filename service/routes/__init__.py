@@ -1,0 +1,1 @@
+"""HTTP routes: small routers that validate, call the classifier and shape responses."""

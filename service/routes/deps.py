@@ -1,0 +1,148 @@
+"""Typed dependencies shared by the routers: state, readiness, API keys, content type, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.batcher import BatcherError
+from service.classifier import Classification, Classifier
+from service.documents import DocumentError
+from service.errors import ApiError, from_classify_error
+from service.settings import Aggregation, LongDocumentPolicy, Settings
+from service.state import ServiceState, get_state
+
+_bearer = HTTPBearer(auto_error=False, description="one of the server's API keys, if it has any")
+
+
+def _state(request: Request) -> ServiceState:
+    return get_state(request.app)
+
+
+StateDep = Annotated[ServiceState, Depends(_state)]
+
+
+def ready_classifier(state: StateDep) -> Classifier:
+    """The classifier, or 503 while the model loads and warms up or the server stops."""
+    if state.stopping:
+        raise ApiError(
+            503, "the server is shutting down", type="service_unavailable",
+            code="shutting_down", reason="shutting_down", headers={"Retry-After": "1"},
+        )  # fmt: skip
+    if not state.ready or state.classifier is None:
+        raise ApiError(
+            503, "the model is not ready yet", type="service_unavailable",
+            code="not_ready", reason="not_ready", headers={"Retry-After": "1"},
+        )  # fmt: skip
+    return state.classifier
+
+
+ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret name for an API key (what owns files and batches)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def api_key(
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    """The caller's key id; None when the server has no keys. 401 for a missing or wrong key."""
+    keys = state.settings.api_keys
+    if not keys:
+        return None
+    token = credentials.credentials.encode() if credentials else b""
+    # Compare with every key, in constant time, so timing reveals nothing about them.
+    matches = [hmac.compare_digest(token, key.encode()) for key in keys]
+    if token and any(matches):
+        return key_id(token.decode())
+    raise ApiError(
+        401, "a valid API key is required: send 'Authorization: Bearer <key>'",
+        type="authentication_error", code="invalid_api_key", reason="unauthorized",
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
+ApiKeyDep = Annotated[str | None, Depends(api_key)]
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared as JSON."""
+    declared = request.headers.get("content-type", "")
+    mime = declared.split(";", 1)[0].strip().lower()
+    if mime != "application/json" and not mime.endswith("+json"):
+        raise ApiError(
+            415, f"Content-Type must be application/json, not {declared or 'missing'!r}",
+            code="unsupported_media_type", reason="invalid",
+        )  # fmt: skip
+
+
+def check_limits(texts: Sequence[str], settings: Settings) -> None:
+    """413 for too many inputs or a text over the character cap (which guards the tokenizer)."""
+    if len(texts) > settings.max_inputs:
+        raise ApiError(
+            413, f"{len(texts)} inputs is over the limit of {settings.max_inputs} per request",
+            code="too_many_inputs", reason="too_large",
+        )  # fmt: skip
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars:
+            raise ApiError(
+                413, f"input[{i}] has {len(text)} characters, over the limit of "
+                f"{settings.max_chars}", code="input_too_long", reason="too_large",
+            )  # fmt: skip
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next message is the client's disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def classify_texts(
+    request: Request,
+    response: Response,
+    classifier: Classifier,
+    settings: Settings,
+    texts: list[str],
+    *,
+    long_document: LongDocumentPolicy | None,
+    aggregation: Aggregation | None,
+) -> Classification:
+    """Classify for an HTTP caller: limits, deadline, disconnects, errors and timing headers."""
+    check_limits(texts, settings)
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    work = asyncio.ensure_future(
+        classifier.classify(
+            texts,
+            long_document=long_document or settings.long_document,
+            aggregation=aggregation,
+            deadline=deadline,
+        )
+    )
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            # The client has gone (or the server stops): its windows leave the queue.
+            work.cancel()
+            await asyncio.wait({work})
+    if work.cancelled():
+        raise ApiError(499, "the client closed the request", code="client_closed")
+    try:
+        outcome = work.result()
+    except (BatcherError, DocumentError) as exc:
+        raise from_classify_error(exc) from exc
+    response.headers["x-tokenization-time-ms"] = f"{outcome.tokenize_s * 1000:.2f}"
+    response.headers["x-queue-time-ms"] = f"{outcome.queue_s * 1000:.2f}"
+    response.headers["x-inference-time-ms"] = f"{outcome.inference_s * 1000:.2f}"
+    return outcome

@@ -1,0 +1,126 @@
+"""OnnxEngine over a hand-built ONNX graph: provider and precision choice, CUDA checks, warm-up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine import EngineError, OnnxEngine, choose_precision, warmup, warmup_shapes
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+VOCAB, DIM, LABELS = 50, 8, 3
+
+
+def masked_mean_classifier(path: Path) -> None:
+    """Embedding, masked mean pooling, linear head: batch-invariant like the real model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(VOCAB, DIM)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.normal(size=(DIM, LABELS)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["h"]),  # (B, T, D)
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "axis2"], ["m3"]),  # (B, T, 1)
+        helper.make_node("Mul", ["h", "m3"], ["hm"]),
+        helper.make_node("ReduceSum", ["hm", "axis1"], ["total"], keepdims=0),  # (B, D)
+        helper.make_node("ReduceSum", ["m3", "axis1"], ["count"], keepdims=0),  # (B, 1)
+        helper.make_node("Div", ["total", "count"], ["pooled"]),
+        helper.make_node("MatMul", ["pooled", "w"], ["logits"]),  # (B, C)
+    ]
+    dims = ["batch", "length"]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, dims),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, dims)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", LABELS])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx-model")
+    config = {
+        "name": "tiny", "version": "1", "labels": ["ok", "spam", "abuse"],
+        "flag_labels": ["spam", "abuse"], "threshold": 0.5, "n_max": 16, "pad_id": 0,
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    masked_mean_classifier(path / "model.onnx")
+    return path
+
+
+def test_cpu_engine_runs_and_is_batch_invariant(model_dir: Path) -> None:
+    engine = OnnxEngine.load(model_dir, device="cpu", precision="fp32")
+    assert engine.provider == "CPUExecutionProvider" and engine.precision == "fp32"
+    ids = np.array([[5, 6, 7, 0, 0, 0], [1, 2, 3, 4, 5, 6]], dtype=np.int64)
+    mask = (np.arange(6) < np.array([[3], [6]])).astype(np.int64)
+    batched = engine.run(ids, mask)
+    alone = engine.run(ids[:1, :3], mask[:1, :3])
+    assert batched.dtype == np.float32 and batched.shape == (2, 3)
+    np.testing.assert_allclose(batched[0], alone[0], atol=1e-5)
+
+
+def test_auto_precision_prefers_int8_on_cpu(model_dir: Path, tmp_path: Path) -> None:
+    assert choose_precision("auto", False, model_dir) == "fp32"
+    assert choose_precision("auto", True, model_dir) == "fp32"
+    for name in ("config.json", "model.onnx"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    shutil.copy(model_dir / "model.onnx", tmp_path / "model.int8.onnx")
+    shutil.copy(model_dir / "model.onnx", tmp_path / "model.fp16.onnx")
+    assert choose_precision("auto", False, tmp_path) == "int8"
+    assert choose_precision("auto", True, tmp_path) == "fp16"
+    assert OnnxEngine.load(tmp_path, device="cpu").precision == "int8"
+    with pytest.raises(EngineError, match=r"model\.fp16\.onnx missing"):
+        choose_precision("fp16", True, model_dir)
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="this onnxruntime build has no CUDA provider",
+)
+def test_cuda_is_checked_after_the_session_exists(model_dir: Path) -> None:
+    probe = ort.InferenceSession(
+        str(model_dir / "model.onnx"), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    if "CUDAExecutionProvider" in probe.get_providers():
+        engine = OnnxEngine.load(model_dir, device="cuda")
+        assert engine.provider == "CUDAExecutionProvider"
+        return
+    # CUDA libraries missing: the provider is listed but the session quietly runs on CPU.
+    with pytest.raises(EngineError, match="could not use CUDA"):
+        OnnxEngine.load(model_dir, device="cuda")
+    fallback = OnnxEngine.load(model_dir, device="auto")
+    assert fallback.provider == "CPUExecutionProvider"
+
+
+def test_bad_artifacts_fail_clearly(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"config\.json"):
+        OnnxEngine.load(tmp_path)
+    shutil.copy(model_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(EngineError, match="cannot load"):
+        OnnxEngine.load(tmp_path, device="cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"name": "x", "version": "1",
+        "labels": ["a", "b"], "flag_labels": ["c"], "n_max": 8}))  # fmt: skip
+    with pytest.raises(EngineError, match="flag_labels not in labels"):
+        OnnxEngine.load(tmp_path)
+
+
+def test_warmup_covers_short_long_and_full_batches(model_dir: Path) -> None:
+    shapes = warmup_shapes(n_max=4096, max_batch_tokens=16384, max_batch_size=32)
+    assert shapes == [(1, 16), (1, 4096), (4, 4096), (32, 64)]
+    engine = OnnxEngine.load(model_dir, device="cpu")
+    assert warmup(engine, warmup_shapes(16, 64, 8)) >= 0
