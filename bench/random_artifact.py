@@ -1,0 +1,106 @@
+"""A servable artifact with random weights at the shipped sizes, for running the benchmarks before
+(or without) a trained model: tokenizer trained on the training split, checkpoint, config.json in
+the service's format, and ONNX files from the project's own export code.
+
+    python -m bench.random_artifact --out /tmp/random-linformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.common import DEFAULT_DATA_DIR
+
+# The model keys of config.json, as the evaluation's `ship` writes them.
+CONFIG_KEYS = (
+    "n_max",
+    "pad_id",
+    "k",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "sharing",
+    "vocab_size",
+)
+
+
+def build(
+    out: Path,
+    data: Path,
+    n_max: int = 4096,
+    k: int = 128,
+    vocab_size: int = 16000,
+    calibration_docs: int = 64,
+    fp16: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write the artifact into `out` and return it."""
+    import torch
+
+    from export.onnx_export import export_artifact
+    from model.checkpoint import code_version, save_checkpoint
+    from model.config import ModelConfig
+    from model.data import read_split
+    from model.linformer import LinformerClassifier
+    from model.tokenizer import train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer((e.text for e in read_split(data, "train")), vocab_size=vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_max=n_max, k=k, dropout=0.0)
+    model = LinformerClassifier(cfg).eval()
+    # Fresh biases are all zero and norms all one; the exporter then shares equal initializers
+    # between nodes, which a trained model never has. A little noise keeps every tensor distinct.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    save_checkpoint(model, out)
+    config = {
+        "name": out.name,
+        "version": time.strftime("%Y.%m.%d"),
+        "architecture": "linformer",
+        "labels": cfg.labels,
+        "flag_labels": ["spam"],
+        "threshold": 0.5,
+        "threshold_rule": "fixed 0.5 (random weights, not a trained model)",
+        **{key: getattr(cfg, key) for key in CONFIG_KEYS},
+        "data": {"source": "random weights", "sha256": None},
+        "code_version": code_version(),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    export_artifact(out, calibration_data=data, calibration_docs=calibration_docs, fp16=fp16)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.random_artifact", description=__doc__)
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--n-max", type=int, default=4096)
+    p.add_argument("--k", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=16000)
+    p.add_argument("--calibration-docs", type=int, default=64)
+    p.add_argument("--no-fp16", action="store_true")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    build(
+        args.out,
+        args.data,
+        n_max=args.n_max,
+        k=args.k,
+        vocab_size=args.vocab_size,
+        calibration_docs=args.calibration_docs,
+        fp16=not args.no_fp16,
+    )
+    print(f"random-weight artifact in {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The load generator against an in-process app, the batch file it uploads, RESULTS.md assembly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from bench.loadgen import batch_file, run_level
+from bench.run_all import BENCHMARKS, assemble, parse, relink
+
+
+async def test_run_level_counts_every_answer() -> None:
+    app = FastAPI()
+    seen: list[dict[str, object]] = []
+
+    @app.post("/v1/classify")
+    async def classify(body: dict[str, object]) -> JSONResponse:
+        seen.append(body)
+        status = {"busy": 429, "bad": 500}.get(str(body["input"]), 200)
+        return JSONResponse({"ok": status == 200}, status_code=status)
+
+    texts = ["a", "busy", "b", "bad", "c", "busy"]
+    result = await run_level(
+        "http://test", texts, 3, extra={"long_document": "truncate"},
+        transport=httpx.ASGITransport(app=app),
+    )  # fmt: skip
+    assert (result.ok, result.throttled, result.errors) == (3, 2, 1)
+    assert len(result.latencies) == 3 and result.seconds > 0
+    assert sorted(str(b["input"]) for b in seen) == sorted(texts)  # each text sent once
+    assert all(b["long_document"] == "truncate" for b in seen)
+
+
+def test_batch_file_is_openai_batch_jsonl() -> None:
+    lines = batch_file(["x", "y"], 5, {"long_document": "truncate"}).decode().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["custom_id"] for r in rows] == [f"req-{i}" for i in range(5)]
+    assert {r["method"] for r in rows} == {"POST"} and {r["url"] for r in rows} == {"/v1/classify"}
+    assert [r["body"]["input"] for r in rows] == ["x", "y", "x", "y", "x"]
+
+
+def test_relink_points_images_at_the_fragments() -> None:
+    text = "see ![plot](attention.png) and [x](https://e.org/a.png)"
+    assert relink(text, "results") == (
+        "see ![plot](results/attention.png) and [x](https://e.org/a.png)"
+    )
+    assert relink(text, ".") == text
+
+
+def test_assemble_takes_every_fragment_in_order(tmp_path: Path) -> None:
+    fragments = tmp_path / "results"
+    fragments.mkdir()
+    (fragments / "engine.md").write_text("## Engines\n\n![e](engine.png)\n")
+    (fragments / "attention.md").write_text("## Attention\n\nfigures\n")
+    dest = tmp_path / "RESULTS.md"
+    text = assemble(fragments, dest, {"engine": (0, 60.0), "load": (1, 30.0)}, False, "cmd")
+    assert dest.read_text() == text
+    assert text.index("## Attention") < text.index("## Engines") < text.index("## load")
+    assert "](results/engine.png)" in text
+    assert "No results yet: run `python -m bench.load`" in text
+    assert "failed (exit 1)" in text and "earlier run" in text
+    assert "Quick mode" not in text
+
+
+def test_run_all_arguments() -> None:
+    args = parse(["--quick", "--only", "engine", "load"])
+    assert args.quick and args.only == ["engine", "load"]
+    assert list(BENCHMARKS) == ["attention", "engine", "load"]

@@ -1,0 +1,48 @@
+"""The naive comparison server against the offline engine, and one attention point in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.attention_point import run_point
+from bench.common import encode
+from bench.naive_server import create_app
+from bench.runners import flag_scores, ort_runner, run_all
+
+
+def test_attention_point_reports_latency_and_peak() -> None:
+    sizes = {"vocab_size": 100, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32,
+             "sharing": "layerwise"}  # fmt: skip
+    for variant in ("linformer-k128", "full-math"):
+        point = {"variant": variant, "runtime": "pytorch", "n": 48, "sizes": sizes,
+                 "threads": 1, "repeats": 1}  # fmt: skip
+        got = run_point(point)
+        assert set(got) == {"latency_ms", "peak_mib", "runs"} and got["runs"] == 2
+        assert got["latency_ms"] > 0 and (math.isnan(got["peak_mib"]) or got["peak_mib"] >= 0)
+
+
+@pytest.mark.slow
+def test_naive_server_decides_like_the_offline_engine(tiny_artifact: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    cfg = json.loads((tiny_artifact / "config.json").read_text())
+    texts = ["win a free prize, click now", "the meeting agenda for monday " * 40]
+    with TestClient(create_app(tiny_artifact, "fp32", threads=1)) as client:
+        assert client.get("/ready").status_code == 200
+        response = client.post("/v1/classify", json={"input": texts, "long_document": "truncate"})
+    assert response.status_code == 200
+    got = response.json()["results"]
+    full = encode(tiny_artifact, texts)
+    seqs = [ids[: cfg["n_max"]] for ids in full]
+    run = ort_runner(tiny_artifact, "fp32", threads=1)
+    assert run is not None
+    logits, _, _ = run_all(run, seqs, cfg["pad_id"], [[0], [1]])
+    flagged = flag_scores(logits, cfg["labels"], cfg["flag_labels"]) >= cfg["threshold"]
+    assert [r["flagged"] for r in got] == list(np.asarray(flagged))
+    assert [r["tokens"] for r in got] == [len(ids) for ids in full]
+    assert [r["truncated"] for r in got] == [len(ids) > cfg["n_max"] for ids in full]
