@@ -208,8 +208,9 @@ def test_the_linmod_batch_command(tiny_artifact: Path, tmp_path: Path) -> None:
         lines += parse_lines((tmp_path / "mail.errors.jsonl").read_bytes())
         assert_exactly_once(lines, ids)
 
-        # Interrupted while the batch runs, the command cancels it.
-        source.write_bytes(batch_file(3000)[0])
+        # Interrupted while the batch runs, the command cancels it. The batch is big enough
+        # (minutes for the tiny model) that it cannot finish before the interrupt lands.
+        source.write_bytes(batch_file(30000)[0])
         env = {**os.environ, "LINMOD_API_KEY": "k1"}
         running = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         key = {"authorization": "Bearer k1"}
