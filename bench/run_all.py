@@ -80,6 +80,11 @@ def assemble(
         else:
             parts.append(f"## {name}\n\nNo results yet: run `python -m bench.{name}`.")
         parts.append("")
+    # The reading of the figures (why a target is missed, what the profile shows) is written by
+    # hand after a full run; it is kept out of quick reports.
+    analysis = BENCH_DIR / "ANALYSIS.md"
+    if not quick and analysis.exists():
+        parts += [analysis.read_text(encoding="utf-8").strip(), ""]
     text = "\n".join(parts)
     dest.write_text(text, encoding="utf-8")
     return text
