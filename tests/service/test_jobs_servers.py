@@ -209,13 +209,21 @@ def test_the_linmod_batch_command(tiny_artifact: Path, tmp_path: Path) -> None:
         assert_exactly_once(lines, ids)
 
         # Interrupted while the batch runs, the command cancels it. The batch is big enough
-        # (minutes for the tiny model) that it cannot finish before the interrupt lands.
+        # (half a minute or more for the tiny model) that it cannot finish first.
         source.write_bytes(batch_file(30000)[0])
         env = {**os.environ, "LINMOD_API_KEY": "k1"}
         # Output to a file, not a pipe: a progress bar nobody reads would fill a pipe and block.
         log = tmp_path / "client.log"
+        # A shell starts background jobs with SIGINT ignored, and Python keeps it ignored; the
+        # command gets the default disposition back, as it has when started from a terminal.
         with log.open("wb") as out:
-            running = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
         key = {"authorization": "Bearer k1"}
         batch = None
         deadline = time.monotonic() + 60
