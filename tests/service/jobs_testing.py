@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from service_testing import free_port, wait_server_ready
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -130,17 +130,7 @@ class JobServer:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
             )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise AssertionError(f"server not ready:\n{log.read_text()[-3000:]}")
+        wait_server_ready(self.proc, self.url, log, timeout=120)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no hand-back, leases left to lapse."""
@@ -166,12 +156,6 @@ class JobServer:
             for s in family.samples
             if s.name == "linmod_batch_job_lines_total"
         }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_to_end(url: str, content: bytes, endpoint: str = "/v1/moderations") -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -127,3 +130,32 @@ async def until(condition: Callable[[], bool], attempts: int = 500) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition never met")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_server_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float) -> None:
+    """Poll `url`/ready until it answers 200; kill the server and show its log if it exits
+    first or is not ready within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited ({proc.returncode}):\n{log_tail(log)}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"server not ready after {timeout:.0f} s:\n{log_tail(log)}")
+
+
+def log_tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:]

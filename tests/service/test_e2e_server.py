@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
+from service_testing import free_port, wait_server_ready
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,6 @@ WORDS = [
 
 def text_of(n_words: int) -> str:
     return " ".join(WORDS[(i * 7 + n_words) % len(WORDS)] for i in range(n_words))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Server:
@@ -51,17 +45,7 @@ class Server:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
             )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+        wait_server_ready(self.proc, self.url, self.log, timeout=60)
 
     def stop(self) -> bool:
         """SIGTERM, then whether it shut down cleanly (uvicorn re-raises the signal at exit)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from service_testing import free_port
 
 PROMETHEUS = shutil.which("prometheus") or (
     "/usr/bin/prometheus" if os.path.exists("/usr/bin/prometheus") else None
@@ -38,12 +38,6 @@ TEXTS = [
     "Cheap meds, no prescription, limited offer, act now. " * 20,
     "Can you review the patch before the release on Monday?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
