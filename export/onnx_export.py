@@ -9,6 +9,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -271,9 +272,19 @@ def convert_fp16(src: Path, dst: Path) -> None:
     # Casts stay as they are: the converter retypes a Cast's output without changing its `to`,
     # which makes an invalid graph when the Cast feeds fp32-only nodes (the length reciprocal).
     casts = [n.name for n in m.graph.node if n.op_type == "Cast"]
-    m16 = float16.convert_float_to_float16(
-        m, keep_io_types=True, op_block_list=FP16_KEEP_FP32, node_block_list=casts
-    )
+    # The converter warns once per weight too small for fp16 (clamped to +-1e-7): one line
+    # with the count says the same.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        m16 = float16.convert_float_to_float16(
+            m, keep_io_types=True, op_block_list=FP16_KEEP_FP32, node_block_list=casts
+        )
+    clamped = sum("will be truncated" in str(w.message) for w in caught)
+    for w in caught:
+        if "will be truncated" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if clamped:
+        print(f"fp16: {clamped} weights below fp16's smallest magnitude were clamped to +-1e-7")
     onnx.save(m16, str(dst))
 
 
