@@ -14,19 +14,7 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_DATA_DIR
-
-# The model keys of config.json, as the evaluation's `ship` writes them.
-CONFIG_KEYS = (
-    "n_max",
-    "pad_id",
-    "k",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_ff",
-    "sharing",
-    "vocab_size",
-)
+from model.evaluate import CONFIG_MODEL_KEYS as CONFIG_KEYS
 
 
 def build(

@@ -23,6 +23,19 @@ from model.metrics import binary_report, choose_threshold, multiclass_report
 from model.tokenizer import encode, load_tokenizer
 from service.documents import window_starts
 
+# The model sizes config.json carries beside labels and threshold (what the service and export read).
+CONFIG_MODEL_KEYS = (
+    "n_max",
+    "pad_id",
+    "k",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "sharing",
+    "vocab_size",
+)
+
 THRESHOLD_RULE = (
     "the threshold that maximises F1 of the flag decision on the validation split "
     "(candidates: midpoints between consecutive validation scores; the median of ties)"
@@ -175,20 +188,7 @@ def ship(
         "flag_labels": flag_labels,
         "threshold": round(threshold, 6),
         "threshold_rule": THRESHOLD_RULE,
-        **{
-            k: mc[k]
-            for k in (
-                "n_max",
-                "pad_id",
-                "k",
-                "d_model",
-                "n_layers",
-                "n_heads",
-                "d_ff",
-                "sharing",
-                "vocab_size",
-            )
-        },
+        **{k: mc[k] for k in CONFIG_MODEL_KEYS},
         "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256")},
         "code_version": run.get("code_version") or code_version(),
     }

@@ -154,14 +154,7 @@ class JobStore:
     def get_file(self, file_id: str, owner: str | None) -> FileRecord:
         """A complete file of this owner."""
         with self.db.read() as conn:
-            row = conn.execute(
-                select(files).where(
-                    files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED
-                )
-            ).first()
-        if row is None:
-            raise UnknownObjectError("file", file_id)
-        return record(FileRecord, row)
+            return self._visible_file(conn, file_id, owner)
 
     def read_content(self, file: FileRecord, after: int, limit: int) -> list[tuple[int, str]]:
         """The next lines of a file after line `after`: (line number, text with newline)."""
