@@ -118,6 +118,38 @@ def test_same_seed_same_model(tiny_data: Path, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_group_weights_parse_and_bad_specs_are_clear() -> None:
+    from model.train import parse_group_weights
+
+    assert parse_group_weights("") == {}
+    assert parse_group_weights("hard-ham-1=4, a=b=0.5") == {"hard-ham-1": 4.0, "a=b": 0.5}
+    for bad in ("hard-ham-1", "=2", "x=0", "x=-1", "x=lots"):
+        with pytest.raises(ValueError, match="group=weight"):
+            parse_group_weights(bad)
+
+
+@pytest.mark.slow
+def test_group_weights_change_training_and_weight_one_changes_nothing(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.config import ModelConfig
+    from model.train import TrainConfig, main, train
+    from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+    runs = {"none": "", "one": "hard-ham-1=1", "four": "hard-ham-1=4"}
+    for name, spec in runs.items():
+        tc = TrainConfig(**{**TINY_TRAIN, "epochs": 1, "group_weights": spec})
+        train(tiny_data, tmp_path / name, ModelConfig(**TINY_MODEL), tc, progress=False)
+    w = {n: load_checkpoint(tmp_path / n / "last").state_dict() for n in runs}
+    assert all(torch.equal(w["none"][k], w["one"][k]) for k in w["none"])
+    assert not all(torch.equal(w["none"][k], w["four"][k]) for k in w["none"])
+
+    args = ["--data", str(tiny_data), "--out", str(tmp_path / "bad"), "--no-progress"]
+    assert main([*args, "--group-weights", "no-such-group=2"]) == 2
+    assert "not in the training split: ['no-such-group']" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_threshold_maximises_validation_f1_and_takes_the_median_of_ties() -> None:
     scores = np.array([0.1, 0.2, 0.35, 0.4, 0.8, 0.9])
     truth = np.array([0, 0, 0, 1, 1, 1])
