@@ -136,6 +136,14 @@ def render_card(artifact_dir: Path) -> str:
                 if training.get("averaged")
                 else "."
             ),
+            *(
+                [
+                    f"- Loss weights by group: `{tc['group_weights']}` (every other message weighs "
+                    "1), so that a false alarm on those messages costs more during training."
+                ]
+                if tc.get("group_weights")
+                else []
+            ),
             f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min on {machine.get('cpu')} "
             f"({machine.get('cores')} threads, {machine.get('memory_gib')} GiB, CUDA: "
             f"{machine.get('cuda') or 'none'}), torch {machine.get('torch')}, {training.get('date')}.",

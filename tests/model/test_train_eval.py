@@ -219,3 +219,14 @@ def test_evaluation_ships_a_complete_artifact(tiny_artifact: Path) -> None:
         "Wall time",
     ):
         assert section in card
+    assert "Loss weights by group" not in card  # the tiny run sets none
+
+
+def test_model_card_states_group_weights_when_training_used_them(tmp_path: Path) -> None:
+    from model.card import render_card
+
+    (tmp_path / "config.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
+    (tmp_path / "training.json").write_text(
+        json.dumps({"train_config": {"epochs": 1, "group_weights": "hard-ham-1=4"}})
+    )
+    assert "Loss weights by group: `hard-ham-1=4`" in render_card(tmp_path)
