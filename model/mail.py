@@ -40,11 +40,17 @@ _BLOCK_TAGS = [
 ]
 
 
+_LINK = re.compile(r"(https?://|ftp://|www\.)\S", re.IGNORECASE)
+
+
 def html_to_text(html: str) -> str:
     """Visible text of an HTML document, parsed by lxml through BeautifulSoup.
 
     Block elements end a line; inline elements (b, i, a, font, span) join their neighbours, so
     "Buy <i>now</i>" reads "Buy now" as a client would send it. Scripts, styles and comments go.
+    A link keeps its target after its text, "text <http://...>", and an image reads "[image: alt]",
+    as mail clients render HTML to plain text: where a message points and that it is pictures are
+    part of what a reader sees.
     """
     from bs4 import (
         BeautifulSoup,
@@ -65,6 +71,13 @@ def html_to_text(html: str) -> str:
     for node in soup.find_all(string=True):
         if type(node) is NavigableString and node.parent is not None and node.parent.name != "pre":
             node.replace_with(re.sub(r"\s+", " ", str(node)))
+    for a in soup.find_all("a", href=True):
+        href = str(a["href"]).strip()
+        if _LINK.match(href) and href not in a.get_text():
+            a.append(f" <{href}>")
+    for img in soup.find_all("img"):
+        alt = " ".join(str(img.get("alt") or "").split())
+        img.replace_with(f"[image: {alt}]" if alt else "[image]")
     for tag in soup.find_all(_BLOCK_TAGS):
         tag.insert_after("\n")
     for tag in soup.find_all(["td", "th"]):
@@ -76,11 +89,21 @@ def _decode_part(part: Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         payload = str(part.get_payload()).encode("utf-8", "replace")
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        return payload.decode(charset, errors="replace")
-    except LookupError:  # an unknown charset name
-        return payload.decode("latin-1", errors="replace")
+    charset = part.get_content_charset()
+    # Undeclared 8-bit mail of that era is mostly Windows-1252, not UTF-8: decoding it as UTF-8
+    # with replacement turned every curly quote into U+FFFD. A declared charset comes first.
+    for name in (charset, "utf-8"):
+        if name:
+            try:
+                return payload.decode(name)
+            except (LookupError, UnicodeDecodeError):  # an unknown name, or a wrong declaration
+                pass
+    if charset and charset.replace("-", "").replace("_", "") not in ("usascii", "ascii"):
+        try:
+            return payload.decode(charset, errors="replace")
+        except LookupError:
+            pass
+    return payload.decode("cp1252", errors="replace")
 
 
 def _text_parts(msg: Message) -> Iterator[tuple[str, str]]:
