@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 Sharing = Literal["none", "kv", "layerwise"]
 Attention = Literal["linformer", "full"]
+Pooling = Literal["mean", "mean_max"]
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ModelConfig:
     # LayerNorm on each head's queries and (projected) keys: without it attention logits grew
     # past 100 and training collapsed within three epochs on the SpamAssassin corpus.
     qk_norm: bool = True
+    # "mean": masked mean of the final states; "mean_max": the masked mean and the masked max side
+    # by side, so one strong phrase anywhere in a long document can carry the decision.
+    pooling: Pooling = "mean"
     dropout: float = 0.1
     pad_id: int = 0
     labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
@@ -43,6 +47,8 @@ class ModelConfig:
             raise ValueError(f"sharing must be none, kv or layerwise, not {self.sharing!r}")
         if self.attention not in ("linformer", "full"):
             raise ValueError(f"attention must be linformer or full, not {self.attention!r}")
+        if self.pooling not in ("mean", "mean_max"):
+            raise ValueError(f"pooling must be mean or mean_max, not {self.pooling!r}")
         if len(self.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
 

@@ -19,7 +19,7 @@ from model.batching import predict_logits, softmax
 from model.card import write_card
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, code_version, load_checkpoint
 from model.data import DataError, Example, read_manifest, read_split
-from model.metrics import binary_report, choose_threshold, multiclass_report
+from model.metrics import binary_report, choose_threshold, multiclass_report, threshold_rule
 from model.tokenizer import encode, load_tokenizer
 from service.documents import window_starts
 
@@ -36,10 +36,22 @@ CONFIG_MODEL_KEYS = (
     "vocab_size",
 )
 
-THRESHOLD_RULE = (
-    "the threshold that maximises F1 of the flag decision on the validation split "
-    "(candidates: midpoints between consecutive validation scores; the median of ties)"
-)
+
+def parse_group_rates(spec: str) -> dict[str, float]:
+    """ "a=0.05,b=0.1" -> {"a": 0.05, "b": 0.1}, each rate in [0, 1]."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, value = item.rpartition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if not sep or not name or not 0 <= rate <= 1:
+            raise ValueError(
+                f"flag rates must look like 'group=rate,...' with rates from 0 to 1, not {item!r}"
+            )
+        out[name] = rate
+    return out
 
 
 def flag_scores(probs: np.ndarray, labels: list[str], flag_labels: list[str]) -> np.ndarray:
@@ -92,6 +104,7 @@ def evaluate(
     name: str,
     flag_labels: list[str] | None = None,
     chunk_overlap: int = 256,
+    max_group_rate: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     ckpt = run_dir / "best"
     model = load_checkpoint(ckpt)
@@ -115,7 +128,10 @@ def evaluate(
     }
     truth = {s: np.array([e.label in flag_labels for e in splits[s]]) for s in full_ids}
     scores = {s: flag_scores(probs[s], labels, flag_labels) for s in full_ids}
-    threshold = choose_threshold(scores["validation"], truth["validation"])
+    val_groups = np.array([e.group for e in splits["validation"]])
+    threshold = choose_threshold(
+        scores["validation"], truth["validation"], val_groups, max_group_rate
+    )
     groups = [e.group for e in splits["test"]]
     report = binary_report(scores["test"], truth["test"], threshold, groups)
 
@@ -134,14 +150,14 @@ def evaluate(
     b_val, b_test = baseline_scores(
         splits["train"], [splits["validation"], splits["test"]], flag_labels
     )
-    b_threshold = choose_threshold(b_val, truth["validation"])
+    b_threshold = choose_threshold(b_val, truth["validation"], val_groups, max_group_rate)
     baseline = binary_report(b_test, truth["test"], b_threshold, groups)
 
     y_test = np.array([labels.index(e.label) for e in splits["test"]])
     metrics: dict[str, Any] = {
         "split": "test",
         "flag_labels": flag_labels,
-        "threshold_rule": THRESHOLD_RULE,
+        "threshold_rule": threshold_rule(max_group_rate),
         "model": report,
         "model_chunked": {
             **chunk_report,
@@ -151,7 +167,9 @@ def evaluate(
         },
         "baseline_tfidf_logreg": baseline,
         "multiclass": multiclass_report(probs["test"], y_test, labels),
-        "validation": binary_report(scores["validation"], truth["validation"], threshold),
+        "validation": binary_report(
+            scores["validation"], truth["validation"], threshold, list(val_groups)
+        ),
         "pytorch_cpu_latency_median_doc": median_latency_ms(
             model, [x[: cfg.n_max] for x in full_ids["test"]]
         ),
@@ -187,7 +205,7 @@ def ship(
         "labels": mc["labels"],
         "flag_labels": flag_labels,
         "threshold": round(threshold, 6),
-        "threshold_rule": THRESHOLD_RULE,
+        "threshold_rule": metrics["threshold_rule"],
         **{k: mc[k] for k in CONFIG_MODEL_KEYS},
         "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256")},
         "code_version": run.get("code_version") or code_version(),
@@ -205,8 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="model name (default: the artifact directory's name)")
     p.add_argument("--flag-labels", nargs="+", help="labels that count as flagged")
     p.add_argument("--chunk-overlap", type=int, default=256)
+    p.add_argument(
+        "--max-flag-rate",
+        default="",
+        metavar="GROUP=RATE,...",
+        help="hold the threshold to flag at most this share of a validation group, "
+        "e.g. hard-ham-1=0.05 (legitimate commercial mail)",
+    )
     args = p.parse_args(argv)
     try:
+        max_group_rate = parse_group_rates(args.max_flag_rate)
         m = evaluate(
             args.run,
             args.data,
@@ -214,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             args.name or args.artifact.name,
             args.flag_labels,
             args.chunk_overlap,
+            max_group_rate,
         )
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"linmod-eval: error: {e}", file=sys.stderr)
         return 2
     for key in ("model", "model_chunked", "baseline_tfidf_logreg"):

@@ -118,7 +118,7 @@ def _num_projections(cfg: ModelConfig) -> int:
 
 
 class LinformerClassifier(nn.Module):
-    """Token + position embeddings -> Linformer blocks -> masked mean pool -> logits."""
+    """Token + position embeddings -> Linformer blocks -> masked pooling -> logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -128,7 +128,8 @@ class LinformerClassifier(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.num_labels)
+        pooled_dim = cfg.d_model * (2 if cfg.pooling == "mean_max" else 1)
+        self.head = nn.Linear(pooled_dim, cfg.num_labels)
         # Sequence-axis projections, shared per cfg.sharing. Held here and handed to each layer
         # rather than registered in several modules, so checkpoints store each tensor once.
         n_proj = _num_projections(cfg) if cfg.attention == "linformer" else 0
@@ -159,8 +160,10 @@ class LinformerClassifier(nn.Module):
             return self.proj[layer], self.proj[layer]
         return self.proj[2 * layer], self.proj[2 * layer + 1]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (B, T), right-padded; returns logits (B, num_labels)."""
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (B, T, C) and the keep mask (B, T) bool; pad rows are garbage."""
         T = input_ids.shape[1]
         if not (torch.compiler.is_exporting() or torch.jit.is_tracing()) and self.cfg.n_max < T:
             raise SequenceTooLongError(
@@ -175,10 +178,24 @@ class LinformerClassifier(nn.Module):
         for i, block in enumerate(self.blocks):
             E, F_ = self.projections(i)
             x = block(x, keep, E, F_, scale)
-        x = self.ln_f(x)
-        # Masked mean: pad positions carry garbage and must not reach the pooled vector.
-        pooled = torch.where(keep.unsqueeze(-1), x, 0.0).sum(dim=1) / lengths.to(x.dtype)
-        return self.head(pooled)  # (B, num_labels)
+        return self.ln_f(x), keep
+
+    def pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, C) or (B, 2C): masked mean, and with "mean_max" the masked max too."""
+        keep3 = keep.unsqueeze(-1)  # (B, T, 1)
+        lengths = keep3.sum(dim=1).clamp(min=1).to(x.dtype)  # (B, 1)
+        # Pad positions carry garbage and must not reach the pooled vector.
+        mean = torch.where(keep3, x, 0.0).sum(dim=1) / lengths
+        if self.cfg.pooling == "mean":
+            return mean
+        # The lowest finite value rather than -inf: an all-pad row (never served) stays finite.
+        low = torch.finfo(x.dtype).min
+        return torch.cat([mean, torch.where(keep3, x, low).amax(dim=1)], dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, T), right-padded; returns logits (B, num_labels)."""
+        x, keep = self.encode(input_ids, attention_mask)
+        return self.head(self.pool(x, keep))  # (B, num_labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -8,11 +8,18 @@ from typing import Any
 import numpy as np
 
 
-def choose_threshold(scores: np.ndarray, flagged: np.ndarray) -> float:
+def choose_threshold(
+    scores: np.ndarray,
+    flagged: np.ndarray,
+    groups: np.ndarray | None = None,
+    max_group_rate: dict[str, float] | None = None,
+) -> float:
     """The threshold maximising F1 of `flagged` on these scores; the median of ties.
 
     Candidates are the midpoints between consecutive distinct scores, so the choice does not
-    sit on any one example's score.
+    sit on any one example's score. With `max_group_rate` ({group: rate}), only thresholds that
+    flag at most that share of each named group (in `groups`) are candidates; flagging nothing
+    always qualifies, so there is always an answer.
     """
     s = np.unique(scores)
     cands = (
@@ -20,10 +27,17 @@ def choose_threshold(scores: np.ndarray, flagged: np.ndarray) -> float:
         if len(s)
         else np.array([0.5])
     )
+    limits = []
+    for name, rate in (max_group_rate or {}).items():
+        if groups is None or not (groups == name).any():
+            raise ValueError(f"no validation examples in group {name!r} to hold to a flag rate")
+        limits.append((groups == name, rate))
     pos = flagged.astype(bool)
     best, ties = -1.0, []
     for t in cands:
         pred = scores >= t
+        if any(pred[member].mean() > rate + 1e-12 for member, rate in limits):
+            continue
         tp = int((pred & pos).sum())
         fp = int((pred & ~pos).sum())
         fn = int((~pred & pos).sum())
@@ -33,6 +47,17 @@ def choose_threshold(scores: np.ndarray, flagged: np.ndarray) -> float:
         elif abs(f1 - best) <= 1e-12:
             ties.append(t)
     return float(np.median(ties))
+
+
+def threshold_rule(max_group_rate: dict[str, float] | None = None) -> str:
+    """The threshold rule in words, as the model card and config.json state it."""
+    rule = "the threshold that maximises F1 of the flag decision on the validation split"
+    if max_group_rate:
+        held = ", ".join(f"{rate:.0%} of {name}" for name, rate in max_group_rate.items())
+        rule += f", among thresholds that flag at most {held} there"
+    return (
+        rule + " (candidates: midpoints between consecutive validation scores; the median of ties)"
+    )
 
 
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-PAD, UNK = "<pad>", "<unk>"
-PAD_ID = 0
+PAD, UNK, MASK = "<pad>", "<unk>", "<mask>"
+PAD_ID, UNK_ID, MASK_ID = 0, 1, 2  # MASK: masked-language pre-training and token dropout
 
 
 def _normalizer() -> normalizers.Normalizer:
@@ -30,7 +30,7 @@ def _normalizer() -> normalizers.Normalizer:
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 16000, min_frequency: int = 2
 ) -> Tokenizer:
-    """A new byte-level BPE with <pad>=0 and <unk>=1, fitted to `texts`."""
+    """A new byte-level BPE with <pad>=0, <unk>=1 and <mask>=2, fitted to `texts`."""
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,12 +38,16 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[PAD, UNK],
+        special_tokens=[PAD, UNK, MASK],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    assert tok.token_to_id(PAD) == PAD_ID
+    assert (tok.token_to_id(PAD), tok.token_to_id(UNK), tok.token_to_id(MASK)) == (
+        PAD_ID,
+        UNK_ID,
+        MASK_ID,
+    )
     return tok
 
 

@@ -11,23 +11,27 @@ import json
 import math
 import platform
 import random
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 from tqdm import tqdm
 
 from model.batching import collate, length_batches, predict_logits, softmax
-from model.checkpoint import average_checkpoints, code_version, save_checkpoint
+from model.checkpoint import CONFIG, WEIGHTS, average_checkpoints, code_version, save_checkpoint
 from model.config import ModelConfig
 from model.data import DataError, Example, read_manifest, read_split
 from model.linformer import LinformerClassifier
-from model.tokenizer import PAD_ID, encode, load_tokenizer, train_tokenizer
+from model.tokenizer import MASK_ID, PAD_ID, encode, load_tokenizer, train_tokenizer
 
 
 @dataclass
@@ -54,6 +58,11 @@ class TrainConfig:
     # Loss weights by the data's `group` field, "group=weight,...": e.g. "hard-ham-1=4" makes
     # each hard-ham message count four times, against flagging legitimate commercial mail.
     group_weights: str = ""
+    # Each real token is replaced by <mask> with this probability, afresh every step: the model
+    # cannot lean on any one word, which is how a small corpus gets memorised.
+    token_dropout: float = 0.0
+    # A linmod-pretrain run directory to start from: its tokenizer, sizes and encoder weights.
+    init: str = ""
     seed: int = 1234
     threads: int = 0  # 0: torch's default
     vocab_size: int = 16000
@@ -102,6 +111,18 @@ def parse_group_weights(spec: str) -> dict[str, float]:
             )
         out[name] = weight
     return out
+
+
+def load_pretrained(init_dir: Path, mc: ModelConfig) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Sizes and encoder weights of a linmod-pretrain run; dropout and pooling stay as given."""
+    ckpt = init_dir / "last"
+    for path in (init_dir / "tokenizer.json", ckpt / CONFIG, ckpt / WEIGHTS):
+        if not path.exists():
+            raise DataError(f"{init_dir} is not a linmod-pretrain run: {path} does not exist")
+    pre = ModelConfig.load(ckpt / CONFIG)
+    mc = dataclasses.replace(pre, dropout=mc.dropout, pooling=mc.pooling)
+    state = load_file(str(ckpt / WEIGHTS))
+    return mc, {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
 def encode_split(
@@ -186,7 +207,12 @@ def selection_score(val: dict[str, float], select_by: str) -> float:
     return -val["loss"]
 
 
-def lr_at(step: int, total: int, tc: TrainConfig) -> float:
+class Schedule(Protocol):
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+def lr_at(step: int, total: int, tc: Schedule) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
@@ -194,20 +220,20 @@ def lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: LinformerClassifier, tc: TrainConfig) -> torch.optim.Optimizer:
-    # No decay on biases, norms, embeddings and the sequence projections (nanoGPT's split).
+_SEQUENCE_PROJECTION = re.compile(r"(.+\.)?proj\.\d+")  # E/F in the model's ParameterList
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases, norms, embeddings and the sequence projections (nanoGPT's split)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (
-            decay
-            if p.dim() >= 2 and "emb" not in name and not name.startswith("proj")
-            else no_decay
-        ).append(p)
+        plain = p.dim() >= 2 and "emb" not in name and not _SEQUENCE_PROJECTION.fullmatch(name)
+        (decay if plain else no_decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def evaluate_split(
@@ -250,18 +276,29 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tok_path = out_dir / "tokenizer.json"
+    init_state = None
+    if tc.init:
+        mc, init_state = load_pretrained(Path(tc.init), mc)
+        shutil.copyfile(Path(tc.init) / "tokenizer.json", tok_path)
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
     else:
         tok = train_tokenizer((e.text for e in train_ex), vocab_size=tc.vocab_size)
         tok.save(str(tok_path))
     mc = dataclasses.replace(mc, vocab_size=tok.get_vocab_size(), labels=labels, pad_id=PAD_ID)
+    if tc.token_dropout and tok.token_to_id("<mask>") != MASK_ID:
+        raise DataError(f"token dropout needs a <mask> token at id {MASK_ID}; {tok_path} has none")
     x_train, y_train = encode_split(tok, train_ex, labels, mc.n_max)
     w_train = np.array([weights.get(e.group, 1.0) for e in train_ex], dtype=np.float32)
     x_val, y_val = encode_split(tok, val_ex, labels, mc.n_max)
 
     model = LinformerClassifier(mc).to(device)
-    opt = make_optimizer(model, tc)
+    if init_state is not None:
+        # Everything but the classification head, whose shape follows the labels and pooling.
+        missing, unexpected = model.load_state_dict(init_state, strict=False)
+        assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay)
+    gen = torch.Generator().manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     lengths = [len(s) for s in x_train]
     steps_per_epoch = len(
@@ -297,6 +334,11 @@ def train(
             step_loss = 0.0
             for idx in group:
                 ids, mask = collate([x_train[i] for i in idx], mc.pad_id)
+                if tc.token_dropout:
+                    dropped = (
+                        torch.rand(ids.shape, generator=gen) < tc.token_dropout
+                    ) & mask.bool()
+                    ids = torch.where(dropped, MASK_ID, ids)
                 target = torch.from_numpy(y_train[idx])
                 logits = model(ids.to(device), mask.to(device))
                 # Summed over documents and divided by the step's count: every document weighs
@@ -372,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
     p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
     p.add_argument("--dropout", type=float, default=mdef.dropout)
+    p.add_argument("--pooling", choices=["mean", "mean_max"], default=mdef.pooling)
     for f in dataclasses.fields(TrainConfig):
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
@@ -393,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                     "k",
                     "sharing",
                     "dropout",
+                    "pooling",
                 )
             }
         )

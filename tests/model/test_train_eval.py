@@ -161,6 +161,43 @@ def test_threshold_maximises_validation_f1_and_takes_the_median_of_ties() -> Non
     assert t2 == pytest.approx(0.3)
 
 
+def test_threshold_can_be_held_to_a_group_flag_rate() -> None:
+    from model.metrics import threshold_rule
+
+    # Unconstrained, 0.5 separates best (F1 0.86), flagging the one hard-ham message at 0.6.
+    scores = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.9, 0.55])
+    truth = np.array([0, 0, 0, 1, 1, 1, 1])
+    groups = np.array(["ham", "ham", "hard", "spam", "spam", "spam", "spam"])
+    free = choose_threshold(scores, truth)
+    held = choose_threshold(scores, truth, groups, {"hard": 0.0})
+    assert free < 0.55 and 0.6 < held <= 0.7
+    assert (
+        binary_report(scores, truth, held, list(groups))["flag_rate_by_group"]["hard"]["flagged"]
+        == 0
+    )
+    # A rate the unconstrained choice already meets changes nothing.
+    assert choose_threshold(scores, truth, groups, {"hard": 1.0}) == free
+    with pytest.raises(ValueError, match="no validation examples in group 'other'"):
+        choose_threshold(scores, truth, groups, {"other": 0.1})
+    assert "at most 5% of hard there" in threshold_rule({"hard": 0.05})
+
+
+def test_flag_rate_specs_parse_and_bad_ones_are_clear(
+    tiny_run: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.evaluate import main, parse_group_rates
+
+    assert parse_group_rates("hard-ham-1=0.05,x=1") == {"hard-ham-1": 0.05, "x": 1.0}
+    for bad in ("hard-ham-1", "x=1.5", "x=-0.1", "=0.1", "x=some"):
+        with pytest.raises(ValueError, match="group=rate"):
+            parse_group_rates(bad)
+    args = ["--run", str(tiny_run), "--data", str(tiny_data), "--artifact", str(tmp_path / "a")]
+    assert main([*args, "--max-flag-rate", "x=2"]) == 2
+    assert "rates from 0 to 1" in capsys.readouterr().err
+    assert main([*args, "--max-flag-rate", "no-such-group=0.1"]) == 2
+    assert "no validation examples in group 'no-such-group'" in capsys.readouterr().err
+
+
 def test_calibration_error_is_zero_for_calibrated_and_large_for_overconfident() -> None:
     conf = np.full(1000, 0.7)
     correct = np.arange(1000) < 700
