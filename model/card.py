@@ -44,6 +44,22 @@ def _versus_baseline(m: dict[str, Any], b: dict[str, Any], group: str = "hard-ha
     return text + "."
 
 
+def _pretraining_lines(pre: dict[str, Any] | None) -> list[str]:
+    if not pre:
+        return []
+    pc = pre.get("pretraining_config") or pre.get("pretrain_config", {})
+    return [
+        f"- Pre-training first (`linmod-pretrain`): masked-language modelling on the training "
+        f"split's own text ({pre.get('documents')} messages, no labels), {pc.get('epochs')} epochs "
+        f"of one random window of at most {pc.get('window')} tokens per message, "
+        f"{pc.get('mask_prob', 0):.0%} of tokens masked (BERT's 80/10/10), AdamW lr "
+        f"{pc.get('lr')}, seed {pc.get('seed')}; final masked-LM loss "
+        f"{pre.get('final_mlm_loss', float('nan')):.3f} nats. {pre.get('wall_seconds', 0) / 60:.1f} "
+        f"min on {pre.get('machine', {}).get('cpu')}, {pre.get('date')}. Fine-tuning starts from "
+        "that encoder and the same tokenizer.",
+    ]
+
+
 def render_card(artifact_dir: Path) -> str:
     cfg = _load(artifact_dir / "config.json")
     metrics = _load(artifact_dir / "metrics.json")
@@ -69,7 +85,13 @@ def render_card(artifact_dir: Path) -> str:
         f"training split), n_max {cfg.get('n_max')} tokens, k {cfg.get('k')}, projection sharing "
         f"`{cfg.get('sharing')}`; {training.get('parameters', 0) / 1e6:.2f}M parameters.",
         "- Padding invariance: pad rows of K and V are zeroed before the sequence projection at every "
-        "layer, E/F are sliced to the batch length, pooling is a masked mean, and the projection is "
+        "layer, E/F are sliced to the batch length, pooling is "
+        + (
+            "the masked mean and the masked max side by side"
+            if training.get("model_config", {}).get("pooling") == "mean_max"
+            else "a masked mean"
+        )
+        + ", and the projection is "
         "scaled by 1/sqrt(real length). A document's logits do not depend on its batch (tested to 1e-5). "
         "Queries and projected keys are layer-normalised per head (QK-norm), which kept training stable.",
         "- Longer input than n_max is refused by the model; the service chunks or truncates it.",
@@ -144,7 +166,18 @@ def render_card(artifact_dir: Path) -> str:
                 if tc.get("group_weights")
                 else []
             ),
-            f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min on {machine.get('cpu')} "
+            *(
+                [
+                    f"- Token dropout: each real token is replaced by `<mask>` with probability "
+                    f"{tc['token_dropout']} at every step."
+                ]
+                if tc.get("token_dropout")
+                else []
+            ),
+            *_pretraining_lines(training.get("pretraining")),
+            f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min"
+            + (" of fine-tuning" if training.get("pretraining") else "")
+            + f" on {machine.get('cpu')} "
             f"({machine.get('cores')} threads, {machine.get('memory_gib')} GiB, CUDA: "
             f"{machine.get('cuda') or 'none'}), torch {machine.get('torch')}, {training.get('date')}.",
             f"- Code version {cfg.get('code_version')}.",

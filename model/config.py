@@ -32,6 +32,8 @@ class ModelConfig:
     # "mean": masked mean of the final states; "mean_max": the masked mean and the masked max side
     # by side, so one strong phrase anywhere in a long document can carry the decision.
     pooling: Pooling = "mean"
+    # Odd kernel width of a depthwise convolution before attention in every block; 0: none.
+    conv_kernel: int = 0
     dropout: float = 0.1
     pad_id: int = 0
     labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
@@ -49,6 +51,8 @@ class ModelConfig:
             raise ValueError(f"attention must be linformer or full, not {self.attention!r}")
         if self.pooling not in ("mean", "mean_max"):
             raise ValueError(f"pooling must be mean or mean_max, not {self.pooling!r}")
+        if self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+            raise ValueError(f"conv_kernel must be 0 or odd, not {self.conv_kernel}")
         if len(self.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
 

@@ -91,11 +91,34 @@ class MLP(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+class LocalConv(nn.Module):
+    """Depthwise convolution over neighbouring tokens, then a pointwise projection.
+
+    Attention over k projected slots resolves position only coarsely; this sees exact local
+    phrases. Pad rows are zeroed first, so a real token near the end sees the same zeros whether
+    the batch is padded past it or the convolution's own padding is.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        k = cfg.conv_kernel
+        self.conv = nn.Conv1d(cfg.d_model, cfg.d_model, k, padding=k // 2, groups=cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        x = torch.where(keep.unsqueeze(-1), x, 0.0)
+        y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        return self.drop(self.proj(F.gelu(y)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (with an optional local convolution before attention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln0 = nn.LayerNorm(cfg.d_model) if cfg.conv_kernel else None
+        self.conv = LocalConv(cfg) if cfg.conv_kernel else None
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.attn = LinformerSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
@@ -109,6 +132,8 @@ class Block(nn.Module):
         F_: torch.Tensor,
         scale: torch.Tensor,
     ) -> torch.Tensor:
+        if self.conv is not None and self.ln0 is not None:
+            x = x + self.conv(self.ln0(x), keep)
         x = x + self.attn(self.ln1(x), keep, E, F_, scale)
         return x + self.mlp(self.ln2(x))
 

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
     p.add_argument("--out", type=Path, required=True, help="pre-training run directory")
     mdef, pdef = ModelConfig(), PretrainConfig()
-    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k"):
+    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "conv_kernel"):
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
     p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
     p.add_argument("--dropout", type=float, default=mdef.dropout)
@@ -239,7 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    keys = ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "sharing", "dropout")
+    keys = (
+        "n_max",
+        "d_model",
+        "n_layers",
+        "n_heads",
+        "d_ff",
+        "k",
+        "conv_kernel",
+        "sharing",
+        "dropout",
+    )
     try:
         mc = ModelConfig(**{f: getattr(args, f) for f in keys})
         pc = PretrainConfig(

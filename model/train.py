@@ -386,9 +386,13 @@ def train(
         (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
 
     best = consider_average(out_dir, history, x_val, y_val, tc)
+    pretraining = None
+    if tc.init and (Path(tc.init) / "run.json").exists():
+        pretraining = json.loads((Path(tc.init) / "run.json").read_text())
     summary = {
         "model_config": mc.to_dict(),
         "train_config": dataclasses.asdict(tc),
+        "pretraining": pretraining,
         "parameters": model.num_parameters(),
         **best,
         "selected_by": tc.select_by,
@@ -410,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     mdef, tdef = ModelConfig(), TrainConfig()
-    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k"):
+    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "conv_kernel"):
         p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
     p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
     p.add_argument("--dropout", type=float, default=mdef.dropout)
@@ -434,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
                     "n_heads",
                     "d_ff",
                     "k",
+                    "conv_kernel",
                     "sharing",
                     "dropout",
                     "pooling",

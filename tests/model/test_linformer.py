@@ -33,13 +33,18 @@ def tiny(sharing: str = "layerwise", **kw: object) -> LinformerClassifier:
 
 
 MODELS = {s: tiny(s) for s in ("none", "kv", "layerwise")}
-MEAN_MAX = tiny("layerwise", pooling="mean_max")  # the property test covers both poolings
+# The property test covers both poolings and the local convolution as well as the sharing modes.
+VARIANTS = {
+    **MODELS,
+    "mean_max": tiny("layerwise", pooling="mean_max"),
+    "conv": tiny("layerwise", conv_kernel=5),
+}
 doc = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=N_MAX)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
-    variant=st.sampled_from([*sorted(MODELS), "mean_max"]),
+    variant=st.sampled_from(sorted(VARIANTS)),
     target=doc,
     others=st.lists(doc, min_size=1, max_size=3),
     pad_fill=st.integers(0, VOCAB - 1),
@@ -47,7 +52,7 @@ doc = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=N_MAX)
 def test_logits_do_not_depend_on_batch_or_padding(
     variant: str, target: list[int], others: list[list[int]], pad_fill: int
 ) -> None:
-    model = MEAN_MAX if variant == "mean_max" else MODELS[variant]
+    model = VARIANTS[variant]
     with torch.no_grad():
         ids, mask = collate([target])
         alone = model(ids, mask)[0]
