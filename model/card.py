@@ -152,18 +152,23 @@ def render_card(artifact_dir: Path) -> str:
             f"least {tc.get('min_docs_per_step')} documents. Kept: the epoch with the best "
             f"validation {'ROC-AUC' if training.get('selected_by') == 'auc' else 'loss'}, or the "
             f"mean of the last {tc.get('average_last')} epochs' weights if that validates better: "
-            f"**{training.get('best_epoch')}**"
-            + (
-                f" (the average's validation ROC-AUC: {training['averaged']['val'].get('auc', float('nan')):.4f})."
-                if training.get("averaged")
-                else "."
-            ),
+            + _kept_text(training),
             *(
                 [
                     f"- Loss weights by group: `{tc['group_weights']}` (every other message weighs "
                     "1), so that a false alarm on those messages costs more during training."
                 ]
                 if tc.get("group_weights")
+                else []
+            ),
+            *(
+                [
+                    f"- Label smoothing {tc['label_smoothing']}: the training target puts "
+                    f"{tc['label_smoothing']} of its mass evenly over the labels, so the model "
+                    "cannot push a training message's probability to 0 or 1 (and the training loss "
+                    "cannot fall far below that floor)."
+                ]
+                if tc.get("label_smoothing")
                 else []
             ),
             *(
@@ -238,6 +243,24 @@ def render_card(artifact_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _kept_text(training: dict[str, Any]) -> str:
+    """Which weights were kept: an epoch (its validation AUC beside the average's) or the average."""
+    best = training.get("best_epoch")
+    avg = training.get("averaged")
+    avg_auc = f"{avg['val'].get('auc', float('nan')):.4f}" if avg else None
+    if isinstance(best, int):
+        hist = {h["epoch"]: h for h in training.get("history", [])}
+        auc = hist.get(best, {}).get("val_auc")
+        text = f"**epoch {best}**"
+        parts = []
+        if auc is not None:
+            parts.append(f"validation ROC-AUC {auc:.4f}")
+        if avg_auc:
+            parts.append(f"the average's {avg_auc}")
+        return text + (f" ({'; '.join(parts)})." if parts else ".")
+    return f"**{best}**" + (f" (the average's validation ROC-AUC: {avg_auc})." if avg_auc else ".")
 
 
 def write_card(artifact_dir: Path) -> None:
