@@ -267,3 +267,30 @@ def test_model_card_states_group_weights_when_training_used_them(tmp_path: Path)
         json.dumps({"train_config": {"epochs": 1, "group_weights": "hard-ham-1=4"}})
     )
     assert "Loss weights by group: `hard-ham-1=4`" in render_card(tmp_path)
+
+
+def test_model_card_names_the_kept_epoch_and_label_smoothing(tmp_path: Path) -> None:
+    from model.card import render_card
+
+    (tmp_path / "config.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
+    history = [
+        {"epoch": e, "train_loss_ema": 0.1, "val_loss": 0.1, "val_auc": auc, "tokens_per_second": 1}
+        for e, auc in ((1, 0.91), (2, 0.97))
+    ]
+    training = {
+        "train_config": {"epochs": 2, "average_last": 2, "label_smoothing": 0.1},
+        "best_epoch": 2,
+        "averaged": {"epochs": [1, 2], "val": {"auc": 0.95}},
+        "history": history,
+    }
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    card = render_card(tmp_path)
+    assert "**epoch 2** (validation ROC-AUC 0.9700; the average's 0.9500)." in card
+    assert "Label smoothing 0.1" in card
+
+    training["best_epoch"] = "average of epochs 1-2"
+    training["train_config"]["label_smoothing"] = 0.0
+    (tmp_path / "training.json").write_text(json.dumps(training))
+    card = render_card(tmp_path)
+    assert "**average of epochs 1-2** (the average's validation ROC-AUC: 0.9500)." in card
+    assert "Label smoothing" not in card
