@@ -81,6 +81,21 @@ def check_artifact_inputs(artifact_dir: Path, ckpt_dir: Path) -> LinformerClassi
     return model
 
 
+def strip_node_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces with the exporting
+    machine's file paths, module scopes); nothing at run time reads it."""
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            del node.metadata_props[:]
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            graphs += [sub for a in node.attribute for sub in a.graphs]
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+
+
 def export_fp32(model: LinformerClassifier, out: Path, opset: int) -> None:
     """torch.export-based ONNX export with batch and length dynamic (length up to n_max)."""
     if opset > onnx.defs.onnx_opset_version():
@@ -111,8 +126,11 @@ def export_fp32(model: LinformerClassifier, out: Path, opset: int) -> None:
         )
     except Exception as e:  # the exporter raises many error types; all mean the same to a user
         raise ExportError(f"ONNX export at opset {opset} failed: {str(e).splitlines()[0]}") from e
+    exported = onnx.load(str(out))
+    strip_node_metadata(exported)
+    onnx.save(exported, str(out))
     # When it cannot convert, the exporter keeps its own opset and only warns; say so instead.
-    got = next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx"))
+    got = next(o.version for o in exported.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
         raise ExportError(
             f"the exporter could not produce opset {opset} (it fell back to {got}); "

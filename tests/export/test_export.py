@@ -45,6 +45,17 @@ def test_graph_has_the_serving_contract(tiny_artifact: Path) -> None:
     assert any(i.data_type == onnx.TensorProto.INT8 for i in q8.graph.initializer)
 
 
+def test_onnx_files_carry_no_exporter_stack_traces(tiny_artifact: Path) -> None:
+    """The exporter annotates nodes with Python stack traces naming the exporting machine's
+    files; the shipped graphs must not carry them."""
+    here = str(Path(__file__).resolve().parents[2])
+    for name in ("model.onnx", "model.int8.onnx", "model.fp16.onnx"):
+        raw = (tiny_artifact / name).read_bytes()
+        assert here.encode() not in raw and b"stack_trace" not in raw, name
+        m = onnx.load(str(tiny_artifact / name))
+        assert not any(n.metadata_props for n in m.graph.node), name
+
+
 def test_graph_stays_dynamic_at_shapes_never_traced(tiny_artifact: Path) -> None:
     model = load_checkpoint(tiny_artifact)
     sess = ort.InferenceSession(
