@@ -32,7 +32,15 @@ from model.config import ModelConfig
 from model.data import DataError, read_manifest, read_split
 from model.linformer import LinformerClassifier
 from model.tokenizer import MASK_ID, PAD_ID, encode, load_tokenizer, train_tokenizer
-from model.train import lr_at, machine_info, make_optimizer, optimizer_steps
+from model.train import (
+    add_dataclass_args,
+    add_model_args,
+    dataclass_from_args,
+    lr_at,
+    machine_info,
+    make_optimizer,
+    optimizer_steps,
+)
 
 FIRST_ORDINARY_ID = MASK_ID + 1  # ids below are special tokens, never drawn as random words
 
@@ -226,35 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="linmod-pretrain", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
     p.add_argument("--out", type=Path, required=True, help="pre-training run directory")
-    mdef, pdef = ModelConfig(), PretrainConfig()
-    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "conv_kernel"):
-        p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
-    p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
-    p.add_argument("--dropout", type=float, default=mdef.dropout)
-    for f in dataclasses.fields(PretrainConfig):
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(getattr(pdef, f.name)),
-            default=getattr(pdef, f.name),
-        )
+    model_keys = add_model_args(p, pooling=False)
+    add_dataclass_args(p, PretrainConfig)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    keys = (
-        "n_max",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "d_ff",
-        "k",
-        "conv_kernel",
-        "sharing",
-        "dropout",
-    )
     try:
-        mc = ModelConfig(**{f: getattr(args, f) for f in keys})
-        pc = PretrainConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
-        )
+        mc = ModelConfig(**{f: getattr(args, f) for f in model_keys})
+        pc = dataclass_from_args(PretrainConfig, args)
         summary = pretrain(args.data, args.out, mc, pc, progress=not args.no_progress)
     except (DataError, ValueError) as e:
         print(f"linmod-pretrain: error: {e}", file=sys.stderr)

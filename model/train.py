@@ -409,43 +409,45 @@ def train(
     return summary
 
 
+def add_model_args(p: argparse.ArgumentParser, pooling: bool = True) -> tuple[str, ...]:
+    """The model-size options both training commands take; returns the ModelConfig keys set."""
+    mdef = ModelConfig()
+    sizes = ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "conv_kernel")
+    for f in sizes:
+        p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
+    p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
+    p.add_argument("--dropout", type=float, default=mdef.dropout)
+    if pooling:
+        p.add_argument("--pooling", choices=["mean", "mean_max"], default=mdef.pooling)
+    return (*sizes, "sharing", "dropout", *(("pooling",) if pooling else ()))
+
+
+def add_dataclass_args(p: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One --option per field of a config dataclass, typed and defaulted by the field."""
+    default = cls()
+    for f in dataclasses.fields(cls):
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(default, f.name)),
+            default=getattr(default, f.name),
+        )
+
+
+def dataclass_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="linmod-train", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
     p.add_argument("--out", type=Path, required=True, help="run directory")
-    mdef, tdef = ModelConfig(), TrainConfig()
-    for f in ("n_max", "d_model", "n_layers", "n_heads", "d_ff", "k", "conv_kernel"):
-        p.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(mdef, f))
-    p.add_argument("--sharing", choices=["none", "kv", "layerwise"], default=mdef.sharing)
-    p.add_argument("--dropout", type=float, default=mdef.dropout)
-    p.add_argument("--pooling", choices=["mean", "mean_max"], default=mdef.pooling)
-    for f in dataclasses.fields(TrainConfig):
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(getattr(tdef, f.name)),
-            default=getattr(tdef, f.name),
-        )
+    model_keys = add_model_args(p)
+    add_dataclass_args(p, TrainConfig)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
-        mc = ModelConfig(
-            **{
-                f: getattr(args, f)
-                for f in (
-                    "n_max",
-                    "d_model",
-                    "n_layers",
-                    "n_heads",
-                    "d_ff",
-                    "k",
-                    "conv_kernel",
-                    "sharing",
-                    "dropout",
-                    "pooling",
-                )
-            }
-        )
-        tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        mc = ModelConfig(**{f: getattr(args, f) for f in model_keys})
+        tc = dataclass_from_args(TrainConfig, args)
         summary = train(args.data, args.out, mc, tc, progress=not args.no_progress)
     except (DataError, ValueError) as e:
         print(f"linmod-train: error: {e}", file=sys.stderr)
