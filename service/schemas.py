@@ -7,13 +7,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.settings import Aggregation, LongDocumentPolicy
+from service.texts import SafeStr, check_text
 
 
 def _check_text(value: str, where: str) -> None:
     if not value:
         raise ValueError(f"{where} is an empty string")
-    if "\x00" in value:
-        raise ValueError(f"{where} contains a NUL character")
+    check_text(value, where)
 
 
 def check_input(value: Any, parts: bool = False) -> Any:
@@ -100,7 +100,7 @@ class ModerationRequest(_Strict):
     input: Annotated[
         str | list[str | TextPart], BeforeValidator(lambda v: check_input(v, parts=True))
     ] = Field(description="a text, a list of texts, or a list of {type: text, text} parts")
-    model: str | None = Field(None, description="ignored: this server serves one model")
+    model: SafeStr | None = Field(None, description="ignored: this server serves one model")
 
     def texts(self) -> list[str]:
         """The input as a list of plain texts."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.jobs.db import new_id
+from service.texts import text_problem
 
 ENDPOINTS = ("/v1/moderations", "/v1/classify")
 
@@ -156,6 +157,11 @@ class LineValidator:
                 "missing_custom_id",
                 f"line {line_no}: custom_id must be a non-empty string",
             )
+        problem = text_problem(custom_id)
+        if problem is not None:
+            # Not stored as sent: no database column takes it, nor would a client read it back.
+            message = f"line {line_no}: custom_id {problem}"
+            return ParsedLine(None, None, "invalid_custom_id", message)
         if custom_id in self._seen:
             message = f"line {line_no}: custom_id {custom_id!r} was used before in this batch"
             return ParsedLine(custom_id, None, "duplicate_custom_id", message)

@@ -139,6 +139,27 @@ class BatchLifecycle:
             conn.execute(update(batches).where(c.id == batch_id).values(total=total))
         return failed
 
+    def fail_validation(self, batch_id: str, worker: str) -> bool:
+        """validating -> failed, for a batch whose validation raised (its lines were rolled
+        back); the batch's errors say so. False if another worker holds it meanwhile."""
+        now = self.clock()
+        c = batches.c
+        error = {
+            "code": "validation_failed", "line": None, "param": "input_file_id",
+            "message": "the input file could not be read into requests; upload it again, or "
+            "report the batch id to the server's operator",
+        }  # fmt: skip
+        with self.db.write() as conn:
+            failed = conn.execute(
+                update(batches)
+                .where(c.id == batch_id, c.status == VALIDATING, c.worker == worker)
+                .values(
+                    status=FAILED, failed_at=now, ended_at=now, total=0, worker=None,
+                    lease_expires=None, errors=json.dumps([error]),
+                )
+            ).rowcount  # fmt: skip
+        return bool(failed)
+
     def _insert_lines(
         self, conn: Connection, batch_id: str, file_id: str, endpoint: str
     ) -> tuple[int, int]:

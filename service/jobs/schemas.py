@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.jobs.store import BatchRecord, FileRecord
+from service.texts import SafeStr
 
 Endpoint = Literal["/v1/moderations", "/v1/classify"]
 # OpenAI accepts only 24h; the window is how long a batch may run before it expires.
@@ -48,10 +49,10 @@ class BatchCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str = Field(description="a file uploaded with purpose 'batch'")
+    input_file_id: SafeStr = Field(description="a file uploaded with purpose 'batch'")
     endpoint: Endpoint = Field(description="the endpoint every line of the file calls")
     completion_window: Literal["24h"] = Field(description="how long the batch may run")
-    metadata: dict[str, str] | None = Field(None, description="up to 16 key-value pairs")
+    metadata: dict[SafeStr, SafeStr] | None = Field(None, description="up to 16 key-value pairs")
     output_expires_after: ExpiresAfter | None = None
 
     @field_validator("metadata")

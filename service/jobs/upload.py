@@ -15,6 +15,7 @@ from service.errors import ApiError
 from service.jobs.jsonl import FileRejectedError, JsonlSplitter
 from service.jobs.store import FileRecord, JobStore
 from service.settings import Settings
+from service.texts import clean_filename
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -23,6 +24,8 @@ UPLOAD_OVERHEAD = 1024 * 1024  # multipart headers and small fields, over the fi
 FLUSH_LINES = 1000
 FLUSH_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 1024
+MAX_PARTS = 8  # purpose and file, and a few a client may add; never thousands
+MAX_HEADER_BYTES = 16 * 1024  # of one part's headers
 
 
 class _Form:
@@ -37,12 +40,18 @@ class _Form:
         self._header_value = bytearray()
         self._disposition = b""
         self._part: str | None = None  # the field now streaming; "file" for the file
+        self._parts = 0
+        self._header_bytes = 0
 
     def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
-            "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
+            "on_header_field": lambda data, start, end: self._header(
+                self._header_name, data[start:end]
+            ),
+            "on_header_value": lambda data, start, end: self._header(
+                self._header_value, data[start:end]
+            ),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._data,
@@ -51,6 +60,20 @@ class _Form:
 
     def _begin(self) -> None:
         self._disposition = b""
+        self._header_bytes = 0
+        self._parts += 1
+        if self._parts > MAX_PARTS:
+            raise FileRejectedError(
+                400, f"the form has more than {MAX_PARTS} fields", "invalid_multipart"
+            )
+
+    def _header(self, into: bytearray, data: bytes) -> None:
+        self._header_bytes += len(data)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise FileRejectedError(
+                400, f"a form part's headers are over {MAX_HEADER_BYTES} bytes", "invalid_multipart"
+            )
+        into.extend(data)
 
     def _header_end(self) -> None:
         if bytes(self._header_name).lower() == b"content-disposition":
@@ -64,7 +87,7 @@ class _Form:
         if name == "file":
             if self.filename is not None:
                 raise FileRejectedError(400, "send one file per upload", "invalid_multipart")
-            self.filename = options.get(b"filename", b"upload.jsonl").decode("utf-8", "replace")
+            self.filename = clean_filename(options.get(b"filename", b"").decode("utf-8", "replace"))
         self._part = name
         self.fields.setdefault(name, bytearray())
 

@@ -129,47 +129,64 @@ class JobWorker:
     async def _step(self) -> bool:
         """One pass over the unfinished batches; whether it did anything."""
         assert self.db is not None and self.lifecycle is not None
-        db, life, s = self.db, self.lifecycle, self.settings
+        db, life = self.db, self.lifecycle
         active = await db.run(life.active_batches)
         now = self.clock()
         busy = False
         running: dict[str, str] = {}  # in-progress batch id -> endpoint, lines left to claim
         for batch in active:
-            if batch.status in (VALIDATING, IN_PROGRESS) and batch.expires_at < now:
-                unrun = await db.run(life.expire, batch.id)
-                if unrun is not None:
-                    self._count_failed(unrun)
-                    log.info("batch expired", extra={"batch": batch.id, "unrun": unrun})
-                    busy = True
-            elif batch.status == VALIDATING and self._lease_free(batch, now):
-                if await db.run(life.claim_batch, batch.id, VALIDATING, self.id, s.job_lease_s):
-                    refused = await db.run(life.validate, batch.id, self.id)
-                    self._count_failed(refused or 0)
-                    where = {"batch": batch.id, "worker": self.id, "refused": refused}
-                    log.info("batch validated", extra=where)
-                    busy = True
-            elif batch.status == IN_PROGRESS:
-                if not batch.unfinished:
-                    if await db.run(life.finalize, batch.id, self.id, s.job_lease_s):
-                        log.info("batch completed", extra={"batch": batch.id, "worker": self.id})
-                        busy = True
-                else:
-                    running[batch.id] = batch.endpoint
-            elif batch.status == FINALIZING and self._lease_free(batch, now):
-                # Its finalizer stopped between the two steps; finish its work.
-                if await db.run(life.claim_batch, batch.id, FINALIZING, self.id, s.job_lease_s):
-                    busy = await db.run(life.complete, batch.id, self.id)
-            elif batch.status == CANCELLING:
-                unrun = await db.run(life.finish_cancelled, batch.id)
-                if unrun is not None:
-                    self._count_failed(unrun)
-                    log.info("batch cancelled", extra={"batch": batch.id, "unrun": unrun})
-                    busy = True
+            try:
+                busy = await self._advance(batch, now, running) or busy
+            except Exception:
+                # One batch's failure never ends the pass: the others go on.
+                log.exception("batch step failed", extra={"batch": batch.id, "worker": self.id})
         # Lines of batches cancelled or expired meanwhile stop here and go back.
         for (batch_id, _), task in list(self._inflight.items()):
             if batch_id not in running:
                 task.cancel()
         return await self._claim(running) or busy
+
+    async def _advance(self, batch: ActiveBatch, now: float, running: dict[str, str]) -> bool:
+        """The next step of one batch; whether it did anything. Adds running batches."""
+        assert self.db is not None and self.lifecycle is not None
+        db, life, s = self.db, self.lifecycle, self.settings
+        if batch.status in (VALIDATING, IN_PROGRESS) and batch.expires_at < now:
+            unrun = await db.run(life.expire, batch.id)
+            if unrun is not None:
+                self._count_failed(unrun)
+                log.info("batch expired", extra={"batch": batch.id, "unrun": unrun})
+                return True
+        elif batch.status == VALIDATING and self._lease_free(batch, now):
+            if await db.run(life.claim_batch, batch.id, VALIDATING, self.id, s.job_lease_s):
+                try:
+                    refused = await db.run(life.validate, batch.id, self.id)
+                except Exception:
+                    # Retrying would fail the same way, every lease, for a day: fail it now.
+                    log.exception("batch validation failed", extra={"batch": batch.id})
+                    await db.run(life.fail_validation, batch.id, self.id)
+                    return True
+                self._count_failed(refused or 0)
+                where = {"batch": batch.id, "worker": self.id, "refused": refused}
+                log.info("batch validated", extra=where)
+                return True
+        elif batch.status == IN_PROGRESS:
+            if not batch.unfinished:
+                if await db.run(life.finalize, batch.id, self.id, s.job_lease_s):
+                    log.info("batch completed", extra={"batch": batch.id, "worker": self.id})
+                    return True
+            else:
+                running[batch.id] = batch.endpoint
+        elif batch.status == FINALIZING and self._lease_free(batch, now):
+            # Its finalizer stopped between the two steps; finish its work.
+            if await db.run(life.claim_batch, batch.id, FINALIZING, self.id, s.job_lease_s):
+                return await db.run(life.complete, batch.id, self.id)
+        elif batch.status == CANCELLING:
+            unrun = await db.run(life.finish_cancelled, batch.id)
+            if unrun is not None:
+                self._count_failed(unrun)
+                log.info("batch cancelled", extra={"batch": batch.id, "unrun": unrun})
+                return True
+        return False
 
     def _count_failed(self, n: int) -> None:
         assert self._state is not None

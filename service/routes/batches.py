@@ -10,6 +10,7 @@ from service.jobs.schemas import COMPLETION_WINDOWS, Batch, BatchCreate, BatchLi
 from service.routes.deps import ApiKeyDep, StateDep, api_key, require_json
 from service.routes.files import JobsDep, call, store_of
 from service.schemas import ERROR_RESPONSES
+from service.texts import SafeStr
 
 router = APIRouter(
     prefix="/v1",
@@ -46,7 +47,7 @@ async def create_batch(
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)
-async def retrieve_batch(batch_id: str, worker: JobsDep, owner: ApiKeyDep) -> Batch:
+async def retrieve_batch(batch_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> Batch:
     """A batch's status, request counts and files."""
     return batch_object(await call(worker, store_of(worker).get_batch, batch_id, owner))
 
@@ -56,7 +57,7 @@ async def list_batches(
     worker: JobsDep,
     owner: ApiKeyDep,
     after: Annotated[
-        str | None, Query(description="the last batch id of the previous page")
+        SafeStr | None, Query(description="the last batch id of the previous page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="batches per page")] = 20,
 ) -> BatchList:
@@ -74,7 +75,7 @@ async def list_batches(
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(batch_id: str, worker: JobsDep, owner: ApiKeyDep) -> Batch:
+async def cancel_batch(batch_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> Batch:
     """Stop a batch: lines running finish, the rest go to the error file (cancelling, then
     cancelled); 409 for a batch that has already ended."""
     record = await call(worker, store_of(worker).cancel_batch, batch_id, owner)

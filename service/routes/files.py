@@ -23,6 +23,7 @@ from service.jobs.upload import receive_file
 from service.jobs.worker import JobWorker
 from service.routes.deps import ApiKeyDep, StateDep, api_key
 from service.schemas import ERROR_RESPONSES
+from service.texts import SafeStr
 
 T = TypeVar("T")
 CONTENT_PAGE = 1000  # lines per read while streaming a file's content
@@ -100,13 +101,13 @@ async def upload_file(
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: str, worker: JobsDep, owner: ApiKeyDep) -> FileObject:
+async def retrieve_file(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> FileObject:
     """A file's metadata."""
     return file_object(await call(worker, store_of(worker).get_file, file_id, owner))
 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse)
-async def file_content(file_id: str, worker: JobsDep, owner: ApiKeyDep) -> StreamingResponse:
+async def file_content(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> StreamingResponse:
     """A file's bytes: an upload as it was sent, or a batch's output or error lines."""
     store = store_of(worker)
     record = await call(worker, store.get_file, file_id, owner)
@@ -124,7 +125,7 @@ async def file_content(file_id: str, worker: JobsDep, owner: ApiKeyDep) -> Strea
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, worker: JobsDep, owner: ApiKeyDep) -> FileDeleted:
+async def delete_file(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> FileDeleted:
     """Delete a file; a batch already running from it goes on."""
     await call(worker, store_of(worker).delete_file, file_id, owner)
     return FileDeleted(id=file_id, deleted=True)
