@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import __version__
+from service.auth import ApiKeyMiddleware
 from service.batcher import BatcherConfig, DynamicBatcher
 from service.classifier import Classifier
 from service.documents import DocumentEncoder
@@ -156,6 +157,8 @@ def create_app(
         metrics=metrics,
         overrides=state.body_limits,
     )
+    # Keys are checked before any route reads the body: no key, 401, whatever the body is.
+    app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     for module in (ops, classify, moderations):

@@ -22,6 +22,15 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 UNMATCHED = "unmatched"  # one label for every unknown path, so scanners cannot grow the series
 # Scrapes and probes arrive every few seconds; logging each at info would drown the rest.
 QUIET_ROUTES = frozenset({"/metrics", "/health", "/ready"})
+# h11 accepts any token as a method; metric labels take these and "other", so none can grow.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The interactive docs page loads its script and styles; API answers are never to be cached.
+CACHEABLE = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def method_label(method: str) -> str:
+    """The method as a metric label: one of METHODS, else "other"."""
+    return method if method in METHODS else "other"
 
 
 def request_id(scope: Scope) -> str:
@@ -53,6 +62,9 @@ class RequestContextMiddleware:
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = rid
                 headers["x-total-time-ms"] = f"{(time.perf_counter() - start) * 1000:.2f}"
+                headers["x-content-type-options"] = "nosniff"
+                if scope["path"] not in CACHEABLE and "cache-control" not in headers:
+                    headers["cache-control"] = "no-store"
             await send(message)
 
         try:
@@ -61,7 +73,7 @@ class RequestContextMiddleware:
             seconds = time.perf_counter() - start
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
-            method = scope["method"]
+            method = method_label(scope["method"])
             self.metrics.http_requests.labels(template, method, str(status)).inc()
             self.metrics.http_duration.labels(template, method).observe(seconds)
             quiet = template in QUIET_ROUTES and status < 400

@@ -81,7 +81,15 @@ class Settings(BaseSettings):
 
     # HTTP and operations
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated bearer keys; empty: no auth"
+        default_factory=list,
+        description="comma-separated bearer keys; empty: no auth (prefer LINMOD_API_KEYS or "
+        "--api-keys-file: arguments show in ps)",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of bearer keys, one per line (# comments), added to api_keys"
+    )
+    public_info: bool = Field(
+        True, description="serve /info, /docs and /openapi.json without a key (when keys are set)"
     )
     host: str = Field("0.0.0.0", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
@@ -121,6 +129,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read api_keys_file {self.api_keys_file}: {exc}") from exc
+            keys = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+            if not keys:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no keys")
+            self.api_keys = [*self.api_keys, *(k for k in keys if k not in self.api_keys)]
+        return self
 
     @model_validator(mode="after")
     def _check_budget(self) -> Settings:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.auth import KEY_ID, UNAUTHORIZED_MESSAGE, match_key
 from service.batcher import BatcherError
 from service.classifier import Classification, Classifier
 from service.documents import DocumentError
@@ -46,28 +45,26 @@ def ready_classifier(state: StateDep) -> Classifier:
 ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
 
 
-def key_id(key: str) -> str:
-    """A stable, non-secret name for an API key (what owns files and batches)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
 def api_key(
+    request: Request,
     state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str | None:
-    """The caller's key id; None when the server has no keys. 401 for a missing or wrong key."""
+    """The caller's key id; None when the server has no keys. 401 for a missing or wrong key
+    (ApiKeyMiddleware has refused those already, before the body was read)."""
     keys = state.settings.api_keys
     if not keys:
         return None
-    token = credentials.credentials.encode() if credentials else b""
-    # Compare with every key, in constant time, so timing reveals nothing about them.
-    matches = [hmac.compare_digest(token, key.encode()) for key in keys]
-    if token and any(matches):
-        return key_id(token.decode())
+    checked = request.scope.get("state", {}).get(KEY_ID)
+    if isinstance(checked, str):
+        return checked
+    given = f"Bearer {credentials.credentials}" if credentials else ""
+    found = match_key(given, keys)
+    if found is not None:
+        return found
     raise ApiError(
-        401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-        type="authentication_error", code="invalid_api_key", reason="unauthorized",
-        headers={"WWW-Authenticate": "Bearer"},
+        401, UNAUTHORIZED_MESSAGE, type="authentication_error", code="invalid_api_key",
+        reason="unauthorized", headers={"WWW-Authenticate": "Bearer"},
     )  # fmt: skip
 
 

@@ -29,9 +29,11 @@ async def ready(state: StateDep) -> Response:
     if state.ready and not state.stopping:
         return JSONResponse({"status": "ready"})
     message = "the server is shutting down" if state.stopping else "the model is not ready yet"
+    code = "shutting_down" if state.stopping else "not_ready"
     if state.startup_error:
-        message = f"the model failed to start: {state.startup_error}"
-    body = error_body(message, "service_unavailable", "not_ready")
+        # The reason is in the server's log; an unauthenticated probe learns only that it failed.
+        message, code = "the model failed to start; the server's log says why", "startup_failed"
+    body = error_body(message, "service_unavailable", code)
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 
