@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     job_max_file_lines: int = Field(
         50_000, ge=1, description="requests (non-blank lines) per batch file (then 413)"
     )
+    job_quota_files: int = Field(
+        1000, ge=1, description="uploaded files one key (or the open server) may hold (then 403)"
+    )
+    job_quota_bytes: int = Field(
+        10 * 1024**3, ge=1, description="bytes of uploaded files one key may hold (then 403)"
+    )
     job_claim_lines: int = Field(
         64, ge=1, description="lines a worker claims at once; it holds at most twice this many"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from typing import Annotated
+from urllib.parse import quote
 
 from pydantic import AfterValidator
 
@@ -59,3 +60,12 @@ def clean_filename(raw: str | None) -> str:
     if not kept.strip("."):  # "", "." and ".." name no file
         return DEFAULT_FILENAME
     return kept[:MAX_FILENAME_CHARS]
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment header for any stored name (RFC 6266): a plain ASCII `filename` for old
+    clients and the exact name as UTF-8 in `filename*` (RFC 5987)."""
+    name = clean_filename(filename)
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in name)
+    encoded = quote(name.encode("utf-8"), safe="!#$&+-.^_`|~")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Row, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, delete, func, insert, or_, select, update
 
 from service.jobs.db import Database, batch_lines, batches, file_lines, files, new_id
 
@@ -47,6 +47,25 @@ class StateConflictError(JobStoreError):
 
 class WrongFileError(JobStoreError):
     """The file exists but cannot be used this way."""
+
+
+class QuotaExceededError(JobStoreError):
+    """The key already holds as many files, or bytes, as its quota allows."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What one key may keep uploaded at once (expired files do not count)."""
+
+    files: int
+    bytes: int
+
+
+NO_QUOTA = Quota(files=2**62, bytes=2**62)
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,11 @@ def record(cls: type[R], row: Row[Any]) -> R:
     return cls(**{f.name: mapping[f.name] for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
+def live(now: float) -> ColumnElement[bool]:
+    """Files not expired at `now` (an upload in progress has no expiry yet)."""
+    return or_(files.c.expires_at.is_(None), files.c.expires_at > now)
+
+
 def owned(column: Any, owner: str | None) -> ColumnElement[bool]:
     """Rows of this owner (NULL when the server has no API keys)."""
     result: ColumnElement[bool] = column.is_(None) if owner is None else column == owner
@@ -113,17 +137,41 @@ class JobStore:
 
     # -- files -------------------------------------------------------------------------------
 
-    def begin_file(self, owner: str | None, filename: str) -> str:
-        """A file row for an upload in progress (invisible until `complete_file`)."""
+    def begin_file(
+        self, owner: str | None, filename: str, quota: Quota = NO_QUOTA
+    ) -> tuple[str, int]:
+        """A file row for an upload in progress (invisible until `complete_file`), and the bytes
+        the owner may still upload; QuotaExceededError when it holds its quota already."""
         file_id = new_id("file-")
         with self.db.write() as conn:
+            count, used = self._usage(conn, owner)
+            if count >= quota.files:
+                raise QuotaExceededError(
+                    f"this key holds {count} files, its limit; delete some "
+                    "(DELETE /v1/files/{id}) or wait for them to expire",
+                    "file_count_quota_exceeded",
+                )
+            if used >= quota.bytes:
+                raise QuotaExceededError(quota_message(used, quota), "storage_quota_exceeded")
             conn.execute(
                 insert(files).values(
                     id=file_id, owner=owner, purpose="batch", kind="input", filename=filename,
                     bytes=0, lines=0, status=UPLOADING, created_at=self.clock(),
                 )
             )  # fmt: skip
-        return file_id
+        return file_id, quota.bytes - used
+
+    def _usage(self, conn: Any, owner: str | None, besides: str | None = None) -> tuple[int, int]:
+        """(files, bytes) of the owner's live uploads, those in progress included."""
+        f = files.c
+        query = select(func.count(), func.coalesce(func.sum(f.bytes), 0)).where(
+            owned(f.owner, owner), f.kind == "input", f.status.in_((UPLOADING, PROCESSED)),
+            live(self.clock()),
+        )  # fmt: skip
+        if besides is not None:
+            query = query.where(f.id != besides)
+        count, size = conn.execute(query).one()
+        return int(count), int(size)
 
     def add_lines(self, file_id: str, lines: Sequence[tuple[int, str]]) -> None:
         """Store the next lines of an upload, in one transaction."""
@@ -132,9 +180,16 @@ class JobStore:
             with self.db.write() as conn:
                 conn.execute(insert(file_lines), rows)
 
-    def complete_file(self, file_id: str, *, size: int, lines: int, ttl_s: float) -> FileRecord:
-        """Make an upload visible; it expires `ttl_s` after it began."""
+    def complete_file(
+        self, file_id: str, *, size: int, lines: int, ttl_s: float, quota: Quota = NO_QUOTA
+    ) -> FileRecord:
+        """Make an upload visible; it expires `ttl_s` after it began. QuotaExceededError when
+        uploads that ran beside it have taken the owner's room meanwhile."""
         with self.db.write() as conn:
+            owner = conn.execute(select(files.c.owner).where(files.c.id == file_id)).scalar()
+            _, used = self._usage(conn, owner, besides=file_id)
+            if used + size > quota.bytes:
+                raise QuotaExceededError(quota_message(used, quota), "storage_quota_exceeded")
             conn.execute(
                 update(files)
                 .where(files.c.id == file_id)
@@ -156,21 +211,48 @@ class JobStore:
         with self.db.read() as conn:
             return self._visible_file(conn, file_id, owner)
 
-    def read_content(self, file: FileRecord, after: int, limit: int) -> list[tuple[int, str]]:
-        """The next lines of a file after line `after`: (line number, text with newline)."""
+    def read_content(
+        self, file: FileRecord, after: int, max_lines: int, max_bytes: int = 1024 * 1024
+    ) -> list[tuple[int, str]]:
+        """The next lines of a file after line `after`, (line number, text with newline): at
+        most max_lines, and no more than max_bytes (about; characters for input lines) unless
+        one line alone is longer, so memory per read stays bounded whatever the file holds."""
+        number: Any
+        size: Any
+        content: Any
+        table: Any
         with self.db.read() as conn:
             if file.kind == "input":
                 c = file_lines.c
-                query = select(c.line_no, c.text).where(c.file_id == file.id, c.line_no > after)
-                rows = conn.execute(query.order_by(c.line_no).limit(limit)).all()
-                return [(n, text) for n, text in rows]
-            outcome = SUCCEEDED if file.kind == "output" else FAILED
-            b = batch_lines.c
-            query = select(b.line_no, b.result).where(
-                b.batch_id == file.batch_id, b.outcome == outcome, b.line_no > after
-            )
-            rows = conn.execute(query.order_by(b.line_no).limit(limit)).all()
-            return [(n, f"{result}\n") for n, result in rows]
+                where = [c.file_id == file.id]
+                number, size, content = c.line_no, func.length(c.text), c.text
+                table = file_lines
+            else:
+                b = batch_lines.c
+                outcome = SUCCEEDED if file.kind == "output" else FAILED
+                where = [b.batch_id == file.batch_id, b.outcome == outcome]
+                number, size, content = b.line_no, b.result_bytes, b.result
+                table = batch_lines
+            # First the sizes only, then the text of the lines that fit.
+            sizes = conn.execute(
+                select(number, size).where(*where, number > after).order_by(number).limit(max_lines)
+            ).all()
+            last, total = after, 0
+            for n, length in sizes:
+                if total and total + int(length or 0) > max_bytes:
+                    break
+                last, total = n, total + int(length or 0)
+            if last == after:
+                return []
+            rows = conn.execute(
+                select(number, content)
+                .select_from(table)
+                .where(*where, number > after, number <= last)
+                .order_by(number)
+            ).all()
+        if file.kind == "input":
+            return [(n, text) for n, text in rows]
+        return [(n, f"{text}\n") for n, text in rows]
 
     def delete_file(self, file_id: str, owner: str | None) -> None:
         """Delete a file (a batch already reading it keeps its own copy of the requests)."""
@@ -220,11 +302,13 @@ class JobStore:
             return self._batch(conn, batch_id, owner)
 
     def _visible_file(self, conn: Any, file_id: str, owner: str | None) -> FileRecord:
+        # An expired file is gone for its owner at once, before cleanup deletes its rows.
         row = conn.execute(
             select(files).where(
-                files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED
+                files.c.id == file_id, owned(files.c.owner, owner), files.c.status == PROCESSED,
+                live(self.clock()),
             )
-        ).first()
+        ).first()  # fmt: skip
         if row is None:
             raise UnknownObjectError("file", file_id)
         return record(FileRecord, row)
@@ -290,6 +374,14 @@ class JobStore:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({status: int(n) for status, n in rows})
         return counts
+
+
+def quota_message(used: int, quota: Quota) -> str:
+    """Why an upload over the byte quota was refused."""
+    return (
+        f"this key's files would take more than its {quota.bytes} bytes of storage ({used} in "
+        "use); delete some (DELETE /v1/files/{id}) or wait for them to expire"
+    )
 
 
 def _counted(conn: Any, found: list[BatchRecord]) -> list[BatchRecord]:

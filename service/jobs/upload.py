@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
 from service.jobs.jsonl import FileRejectedError, JsonlSplitter
-from service.jobs.store import FileRecord, JobStore
+from service.jobs.store import FileRecord, JobStore, Quota, QuotaExceededError, quota_message
 from service.settings import Settings
 from service.texts import clean_filename
 
@@ -142,13 +142,18 @@ async def receive_file(
         max_line_bytes=settings.max_body_bytes,  # a request may be as large as over HTTP
     )
     form = _Form(splitter)
+    quota = Quota(files=settings.job_quota_files, bytes=settings.job_quota_bytes)
     file_id: str | None = None
+    room = 0
     try:
         parser = MultipartParser(boundary, form.callbacks())
         async for chunk in request.stream():
             parser.write(chunk)
             if form.filename is not None and file_id is None:
-                file_id = await store.db.run(store.begin_file, owner, form.filename)
+                file_id, room = await store.db.run(store.begin_file, owner, form.filename, quota)
+            if file_id and splitter.bytes > room:
+                used = quota.bytes - room
+                raise QuotaExceededError(quota_message(used, quota), "storage_quota_exceeded")
             if file_id and (
                 len(splitter.ready) >= FLUSH_LINES or splitter.ready_bytes >= FLUSH_BYTES
             ):
@@ -165,6 +170,7 @@ async def receive_file(
             size=splitter.bytes,
             lines=splitter.requests,
             ttl_s=settings.job_retention_s,
+            quota=quota,
         )
     except BaseException as exc:
         if file_id is not None:
@@ -172,6 +178,8 @@ async def receive_file(
         if isinstance(exc, FileRejectedError):
             reason = "too_large" if exc.status == 413 else "invalid"
             raise ApiError(exc.status, exc.message, code=exc.code, reason=reason) from exc
+        if isinstance(exc, QuotaExceededError):
+            raise ApiError(403, str(exc), code=exc.code, reason="invalid") from exc
         if isinstance(exc, FormParserError):
             message = f"malformed multipart body: {exc}"
             raise ApiError(400, message, code="invalid_multipart", reason="invalid") from exc

@@ -15,6 +15,7 @@ from service.jobs.schemas import FileDeleted, FileObject, file_object
 from service.jobs.store import (
     JobStore,
     JobStoreError,
+    QuotaExceededError,
     StateConflictError,
     UnknownObjectError,
     WrongFileError,
@@ -23,10 +24,11 @@ from service.jobs.upload import receive_file
 from service.jobs.worker import JobWorker
 from service.routes.deps import ApiKeyDep, StateDep, api_key
 from service.schemas import ERROR_RESPONSES
-from service.texts import SafeStr
+from service.texts import SafeStr, content_disposition
 
 T = TypeVar("T")
-CONTENT_PAGE = 1000  # lines per read while streaming a file's content
+CONTENT_PAGE = 1000  # lines per read while streaming a file's content, at most
+CONTENT_PAGE_BYTES = 256 * 1024  # and bytes per read (unless one line is longer)
 
 
 def jobs(state: StateDep) -> JobWorker:
@@ -52,6 +54,8 @@ async def call(worker: JobWorker, fn: Callable[..., T], *args: Any, **kwargs: An
         raise ApiError(404, str(exc), code=f"{exc.kind}_not_found") from exc
     except StateConflictError as exc:
         raise ApiError(409, str(exc), code="invalid_state") from exc
+    except QuotaExceededError as exc:
+        raise ApiError(403, str(exc), code=exc.code, reason="invalid") from exc
     except WrongFileError as exc:
         raise ApiError(400, str(exc), code="invalid_input_file", reason="invalid") from exc
     except JobStoreError as exc:
@@ -114,14 +118,14 @@ async def file_content(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> S
 
     async def pages() -> AsyncIterator[bytes]:
         after = 0
-        while page := await call(worker, store.read_content, record, after, CONTENT_PAGE):
+        while page := await call(
+            worker, store.read_content, record, after, CONTENT_PAGE, CONTENT_PAGE_BYTES
+        ):
             after = page[-1][0]
             yield "".join(text for _, text in page).encode()
 
-    disposition = f'attachment; filename="{record.filename.replace(chr(34), "")}"'
-    return StreamingResponse(
-        pages(), media_type="application/jsonl", headers={"content-disposition": disposition}
-    )
+    headers = {"content-disposition": content_disposition(record.filename)}
+    return StreamingResponse(pages(), media_type="application/jsonl", headers=headers)
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)

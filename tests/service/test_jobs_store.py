@@ -70,7 +70,7 @@ def life(db: Database, clock: Clock) -> BatchLifecycle:
 def put_file(store: JobStore, content: bytes, owner: str | None = None) -> str:
     """Store a file as an upload would: its lines in two transactions."""
     lines = content.decode().splitlines(keepends=True)
-    file_id = store.begin_file(owner, "requests.jsonl")
+    file_id, _ = store.begin_file(owner, "requests.jsonl")
     numbered = list(enumerate(lines, start=1))
     store.add_lines(file_id, numbered[:2])
     store.add_lines(file_id, numbered[2:])
@@ -140,7 +140,7 @@ def test_a_file_keeps_its_exact_bytes_and_its_owner(store: JobStore) -> None:
 def test_an_unfinished_upload_is_invisible_and_discarding_leaves_nothing(
     store: JobStore, db: Database
 ) -> None:
-    file_id = store.begin_file(None, "partial.jsonl")
+    file_id, _ = store.begin_file(None, "partial.jsonl")
     store.add_lines(file_id, [(1, "{}\n")])
     with pytest.raises(UnknownObjectError):
         store.get_file(file_id, None)
