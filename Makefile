@@ -20,7 +20,7 @@ TRAIN_ARGS ?= --d-model 128 --d-ff 512 --n-layers 4 --n-heads 4 --k 128 --epochs
 EVAL_ARGS ?= --max-flag-rate hard-ham-1=0.05
 
 .PHONY: help serve install install-dev test test-fast lint format data train eval export parity model \
-        bench bench-quick docker-wheels docker-build docker-smoke clean
+        bench bench-quick docker-wheels docker-build docker-smoke deploy-tools deploy-check clean
 
 help:
 	@echo "make serve      serve the shipped model on port $(PORT) (GPU if present, else CPU)"
@@ -29,6 +29,7 @@ help:
 	@echo "make lint       ruff and mypy"
 	@echo "make model      reproduce the shipped model from scratch (data, train, eval, export, parity)"
 	@echo "make bench      run all benchmarks (bench-quick for a few minutes' version)"
+	@echo "make deploy-check  render, validate and lint the Kubernetes and compose files"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +105,20 @@ docker-build: docker-wheels
 
 docker-smoke:
 	bash deploy/docker-smoke.sh
+
+# Offline checkers of the deployment files, in their own environment (checkov pins many
+# packages of its own); the tests under tests/deploy use it and skip without it.
+DEPLOY_VENV ?= .venv-deploy
+$(DEPLOY_VENV)/.installed: deploy/tools-requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet -r deploy/tools-requirements.txt
+	@touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+deploy-check: $(VENV)/.dev-installed deploy-tools
+	$(PY) -m pytest tests/deploy -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache wheels
