@@ -43,6 +43,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+InputFormat = Literal["text", "email", "html"]
+INPUT_FORMAT_DESCRIPTION = (
+    "what each input is: text (classified as sent), email (a raw RFC 822 message; characters "
+    "outside ASCII are taken as UTF-8, so send 8-bit mail in other charsets as a message/rfc822 "
+    "body) or html (read as a mail client shows it). Email and HTML go through the extraction the "
+    "model was trained on: Subject and decoded body text, routing headers dropped"
+)
+
+
 class ClassifyRequest(_Strict):
     """One text or a list of texts, with optional per-request long-document handling."""
 
@@ -56,6 +65,31 @@ class ClassifyRequest(_Strict):
     aggregation: Aggregation | None = Field(
         None, description="how chunk scores combine: max or mean (server default)"
     )
+    input_format: InputFormat = Field("text", description=INPUT_FORMAT_DESCRIPTION)
+
+
+class MimePartInfo(BaseModel):
+    """One leaf of a message's MIME tree."""
+
+    index: int = Field(description="its place in a depth-first walk of the message (0: the top)")
+    content_type: str
+    charset: str | None = Field(description="the declared charset, if any")
+    bytes: int | None = Field(None, description="decoded size, for parts that were read")
+    reason: str | None = Field(None, description="why the part was skipped")
+
+
+class ExtractionInfo(BaseModel):
+    """What the model read of an email or HTML input."""
+
+    subject: str = Field(description="the decoded Subject header ('' for HTML)")
+    chars: int = Field(description="characters of the text classified (subject and body)")
+    parts_used: list[MimePartInfo] = Field(description="the text parts that were read")
+    parts_skipped: list[MimePartInfo] = Field(
+        description="attachments, non-text parts and alternatives not read"
+    )
+    warnings: list[str] = Field(
+        description="what was malformed or guessed (charsets, boundaries, base64)"
+    )
 
 
 class ClassifyResult(BaseModel):
@@ -68,6 +102,11 @@ class ClassifyResult(BaseModel):
     tokens: int = Field(description="tokens in the whole text")
     chunks: int = Field(description="windows the text was classified by")
     truncated: bool = Field(description="only the first n_max tokens were read")
+    extraction: ExtractionInfo | None = Field(
+        None,
+        description="for email and HTML inputs: what was extracted (absent for text)",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class Usage(BaseModel):
@@ -101,6 +140,7 @@ class ModerationRequest(_Strict):
         str | list[str | TextPart], BeforeValidator(lambda v: check_input(v, parts=True))
     ] = Field(description="a text, a list of texts, or a list of {type: text, text} parts")
     model: SafeStr | None = Field(None, description="ignored: this server serves one model")
+    input_format: InputFormat = Field("text", description=INPUT_FORMAT_DESCRIPTION)
 
     def texts(self) -> list[str]:
         """The input as a list of plain texts."""
@@ -116,6 +156,11 @@ class Moderation(BaseModel):
     categories: dict[str, bool]
     category_scores: dict[str, float]
     category_applied_input_types: dict[str, list[Literal["text"]]]
+    extraction: ExtractionInfo | None = Field(
+        None,
+        description="for email and HTML inputs: what was extracted (absent for text)",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class ModerationResponse(BaseModel):

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     max_inputs: int = Field(128, ge=1, description="texts per request (then 413)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="request body bytes (then 413)")
 
+    # Mail and HTML inputs (input_format email or html, message/rfc822 bodies)
+    mail_max_parts: int = Field(100, ge=1, description="MIME parts per message (then 413)")
+    mail_max_depth: int = Field(10, ge=1, description="nesting levels of MIME parts (then 413)")
+    mail_max_decoded_bytes: int = Field(
+        2 * 1024 * 1024, ge=1, description="bytes one message's text parts decode to (then 413)"
+    )
+
     # HTTP and operations
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -12,24 +12,25 @@ from pydantic import ValidationError
 from service.batcher import BatcherClosedError, BatcherError, Priority
 from service.documents import DocumentError
 from service.errors import ApiError, error_body, from_classify_error, validation_error
+from service.inputs import extract_inputs
 from service.routes.classify import classify_response
 from service.routes.deps import check_limits
 from service.routes.moderations import moderation_response
-from service.schemas import ClassifyRequest, ModerationRequest
+from service.schemas import ClassifyRequest, InputFormat, ModerationRequest
 from service.settings import Aggregation, LongDocumentPolicy
 from service.state import ServiceState
 
 
 def _parse(
     endpoint: str, body: Any
-) -> tuple[list[str], LongDocumentPolicy | None, Aggregation | None]:
+) -> tuple[list[str], InputFormat, LongDocumentPolicy | None, Aggregation | None]:
     # from_attributes as FastAPI validates bodies, so error messages match the route's.
     if endpoint == "/v1/moderations":
         moderation = ModerationRequest.model_validate(body, from_attributes=True)
-        return moderation.texts(), None, None
+        return moderation.texts(), moderation.input_format, None, None
     request = ClassifyRequest.model_validate(body, from_attributes=True)
     texts = [request.input] if isinstance(request.input, str) else request.input
-    return texts, request.long_document, request.aggregation
+    return texts, request.input_format, request.long_document, request.aggregation
 
 
 async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> tuple[int, Any]:
@@ -40,7 +41,8 @@ async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> t
     if classifier is None:
         raise BatcherClosedError("the classifier is not running")
     try:
-        texts, long_document, aggregation = _parse(endpoint, json.loads(body))
+        inputs, input_format, long_document, aggregation = _parse(endpoint, json.loads(body))
+        texts, extractions = await extract_inputs(inputs, input_format, settings)
         check_limits(texts, settings)
         outcome = await classifier.classify(
             texts,
@@ -58,9 +60,12 @@ async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> t
     except (BatcherError, DocumentError) as exc:
         return _answer(from_classify_error(exc))
     if endpoint == "/v1/moderations":
-        response = moderation_response(outcome, classifier.config, state.model_name, rid)
+        response = moderation_response(
+            outcome, classifier.config, state.model_name, rid, extractions
+        )
         return 200, response.model_dump(mode="json")
-    return 200, classify_response(outcome, state.model_name, rid).model_dump(mode="json")
+    answer = classify_response(outcome, state.model_name, rid, extractions)
+    return 200, answer.model_dump(mode="json")
 
 
 def _answer(error: ApiError) -> tuple[int, Any]:

@@ -1,47 +1,144 @@
-"""POST /v1/classify: labels and scores for one text or a list, with long-document handling."""
+"""POST /v1/classify: labels and scores for one text or a list, with long-document handling; a
+JSON body, or one raw mail message as a `message/rfc822` body.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import ValidationError
 
 from service.classifier import Classification
+from service.errors import ApiError, validation_error
+from service.inputs import extract_inputs, extraction_info
+from service.mailtext import Extraction
 from service.middleware import request_id
-from service.routes.deps import ClassifierDep, StateDep, api_key, classify_texts, require_json
+from service.routes.deps import ClassifierDep, StateDep, api_key, classify_texts
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
+    InputFormat,
     Usage,
 )
+from service.settings import Aggregation, LongDocumentPolicy
+
+MAIL_TYPE = "message/rfc822"
 
 router = APIRouter(
     prefix="/v1",
     tags=["classify"],
-    dependencies=[Depends(api_key), Depends(require_json)],
+    dependencies=[Depends(api_key)],
     responses=ERROR_RESPONSES,
 )
 
+# The body is read by hand (JSON, or a raw message), so the schema documents both forms.
+_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ClassifyRequest.model_json_schema()},
+            MAIL_TYPE: {
+                "schema": {"type": "string", "format": "binary"},
+                "example": "Subject: Lunch?\nContent-Type: text/plain\n\nAt noon, as usual.\n",
+            },
+        },
+        "description": "a JSON request, or one raw RFC 822 message (the options as query "
+        "parameters); the message's exact bytes are parsed, 8-bit charsets included",
+    }
+}
 
-@router.post("/classify", response_model=ClassifyResponse)
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _json_request(request: Request) -> ClassifyRequest:
+    raw = await request.body()
+    if not raw:
+        raise ApiError(
+            422, "invalid request: body: field required", code="invalid_input", reason="invalid"
+        )
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "the body is not valid UTF-8", code="invalid_encoding", reason="invalid"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400, f"the body is not valid JSON: {exc.msg}", code="invalid_json", reason="invalid"
+        ) from exc
+    try:
+        return ClassifyRequest.model_validate(data, from_attributes=True)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+@router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY)
 async def classify(
-    body: ClassifyRequest,
     request: Request,
     response: Response,
     state: StateDep,
     classifier: ClassifierDep,
+    long_document: Annotated[
+        LongDocumentPolicy | None,
+        Query(description="message/rfc822 bodies only: see the JSON field"),
+    ] = None,
+    aggregation: Annotated[
+        Aggregation | None, Query(description="message/rfc822 bodies only: see the JSON field")
+    ] = None,
 ) -> ClassifyResponse:
-    """Classify each text; texts over n_max tokens are chunked, truncated or refused."""
-    texts = [body.input] if isinstance(body.input, str) else body.input
+    """Classify each text, or a raw message; texts over n_max tokens are chunked, truncated or
+    refused. Email and HTML inputs report what was extracted from them."""
+    media = _media_type(request)
+    items: Sequence[str | bytes]
+    input_format: InputFormat
+    if media == MAIL_TYPE:
+        raw = await request.body()
+        if not raw.strip():
+            raise ApiError(422, "the message body is empty", code="empty", reason="invalid")
+        items, input_format = [raw], "email"
+    elif media == "application/json" or media.endswith("+json"):
+        if long_document is not None or aggregation is not None:
+            raise ApiError(
+                422, "query parameters are for message/rfc822 bodies; put the options in the "
+                "JSON body", code="invalid_input", reason="invalid",
+            )  # fmt: skip
+        body = await _json_request(request)
+        items = [body.input] if isinstance(body.input, str) else body.input
+        input_format, long_document, aggregation = (
+            body.input_format, body.long_document, body.aggregation,
+        )  # fmt: skip
+    else:
+        declared = request.headers.get("content-type", "")
+        raise ApiError(
+            415, f"Content-Type must be application/json or {MAIL_TYPE}, not "
+            f"{declared or 'missing'!r}", code="unsupported_media_type", reason="invalid",
+        )  # fmt: skip
+    texts, extractions = await extract_inputs(items, input_format, state.settings)
     outcome = await classify_texts(
         request, response, classifier, state.settings, texts,
-        long_document=body.long_document, aggregation=body.aggregation,
+        long_document=long_document, aggregation=aggregation,
     )  # fmt: skip
-    return classify_response(outcome, state.model_name, request_id(request.scope))
+    return classify_response(outcome, state.model_name, request_id(request.scope), extractions)
 
 
-def classify_response(outcome: Classification, model: str, rid: str) -> ClassifyResponse:
+def classify_response(
+    outcome: Classification,
+    model: str,
+    rid: str,
+    extractions: Sequence[Extraction | None] = (),
+) -> ClassifyResponse:
     """The response body for classified texts (batch-job lines share it)."""
-    results = [ClassifyResult(**vars(r)) for r in outcome.results]
+    found = list(extractions) or [None] * len(outcome.results)
+    results = [
+        ClassifyResult(**vars(r), extraction=extraction_info(e))
+        for r, e in zip(outcome.results, found, strict=True)
+    ]
     usage = Usage(tokens=sum(r.tokens for r in results), chunks=sum(r.chunks for r in results))
     return ClassifyResponse(id=f"cls-{rid}", model=model, results=results, usage=usage)
