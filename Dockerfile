@@ -35,8 +35,9 @@ ARG WHEELS=""
 WORKDIR /build
 # With WHEELS set this also copies that directory's wheels into /build.
 COPY pyproject.toml ${WHEELS} ./
-# Only the default dependencies of pyproject.toml: the serving stack, no torch.
-RUN python3 -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; open("requirements.txt", "w").write("\n".join(deps) + "\n")' \
+# The default dependencies of pyproject.toml (the serving stack, no torch) and its postgres
+# extra: replicas behind a load balancer share batch jobs through PostgreSQL.
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["postgres"]; open("requirements.txt", "w").write("\n".join(deps) + "\n")' \
     && python3 -m venv /opt/venv \
     && if [ -n "${WHEELS}" ]; then set -- --no-index --find-links /build; fi \
     && /opt/venv/bin/python -m pip install --no-cache-dir --disable-pip-version-check "$@" -r requirements.txt

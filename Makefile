@@ -98,7 +98,7 @@ docker-wheels: $(VENV)/.serve-installed
 	rm -rf wheels && $(PIP) download --quiet --dest wheels --only-binary=:all: \
 	    --implementation cp --python-version $(DOCKER_PYTHON) \
 	    $(foreach m,$(shell seq 5 $(DOCKER_GLIBC_MINOR)),--platform manylinux_2_$(m)_x86_64) \
-	    --platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64 .
+	    --platform manylinux1_x86_64 --platform manylinux2010_x86_64 --platform manylinux2014_x86_64 ".[postgres]"
 
 docker-build: docker-wheels
 	docker build --build-arg WHEELS=wheels -t linmod:latest .

@@ -85,8 +85,9 @@ info "base Python $BASE_PY, glibc $BASE_GLIBC, $BASE_ARCH"
 # ---------------------------------------------------------------------------------
 step 3 "Wheels for the base's Python in $WHEELS/ (the build itself has no network)"
 "$PYTHON" -c 'import tomllib' 2>/dev/null || die "$PYTHON is older than 3.11; set PYTHON"
-# The same list the Dockerfile installs: the default dependencies of pyproject.toml.
-"$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+# The same list the Dockerfile installs: the default dependencies of pyproject.toml and its
+# postgres extra.
+"$PYTHON" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["postgres"]))' \
     >"$WORK/requirements.txt"
 # Binary wheels only, tagged for the base's Python, glibc and architecture (not the host's).
 platforms=()
@@ -172,6 +173,10 @@ def find(node):
 print(find(json.load(sys.stdin)))
 ')
 info "GET /info provider: $provider"
+# Replicas behind a load balancer share batch jobs through PostgreSQL: the driver is in the image.
+psycopg_version=$(docker exec "$CONTAINER" python -c 'import psycopg; print(psycopg.__version__)') \
+    || die "the image has no PostgreSQL driver (psycopg)"
+info "PostgreSQL driver: psycopg $psycopg_version"
 
 if [ "${KEEP_CONTAINER:-0}" = 1 ]; then
     info "left running: $CONTAINER on $URL (docker rm -f $CONTAINER)"
