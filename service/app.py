@@ -22,12 +22,19 @@ from service.errors import install_error_handlers
 from service.jobs.upload import UPLOAD_OVERHEAD
 from service.jobs.worker import JobWorker
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.middleware import (
+    BodyAdmissionMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
 from service.routes import batches, classify, files, moderations, ops
 from service.settings import Settings, get_settings
 from service.state import BackgroundService, ServiceState, get_state
 
 log = logging.getLogger(__name__)
+
+CLASSIFY_PATHS = frozenset({"/v1/classify", "/v1/moderations"})
+SMALL_BODY_BYTES = 64 * 1024  # bodies up to this size skip the in-flight bytes budget
 
 
 def _load_engine(settings: Settings) -> Engine:
@@ -86,7 +93,7 @@ async def start(state: ServiceState, engine: Engine | None) -> None:
     state.classifier = Classifier(
         encoder, state.batcher, state.metrics, config,
         chunk_overlap=overlap, aggregation=s.chunk_aggregation,
-        tokenizer_threads=s.tokenizer_threads,
+        tokenizer_threads=s.tokenizer_threads, max_tokenize_chars=s.max_tokenize_chars,
     )  # fmt: skip
     state.metrics.set_model(config.name, config.version, engine.provider, engine.precision)
     log.info(
@@ -156,6 +163,13 @@ def create_app(
         limit=settings.max_body_bytes,
         metrics=metrics,
         overrides=state.body_limits,
+    )
+    app.add_middleware(
+        BodyAdmissionMiddleware,
+        paths=CLASSIFY_PATHS,
+        limit=settings.max_inflight_body_bytes,
+        small=SMALL_BODY_BYTES,
+        metrics=metrics,
     )
     # Keys are checked before any route reads the body: no key, 401, whatever the body is.
     app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)

@@ -83,6 +83,10 @@ class QueueFullError(BatcherError):
         self.retry_after = retry_after
 
 
+class RequestTooLargeError(BatcherError):
+    """A request that alone is over an admission budget, so it can never be admitted."""
+
+
 class DeadlineExceededError(BatcherError):
     """The deadline passed before every window had run."""
 

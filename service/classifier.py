@@ -6,6 +6,7 @@ The HTTP routes and the batch-jobs worker both classify through `Classifier.clas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import DynamicBatcher, Priority
+from service.admission import CharGate
+from service.batcher import DeadlineExceededError, DynamicBatcher, Priority, QueueFullError
 from service.documents import DocumentEncoder, aggregate, plan_document, softmax
-from service.engine import ModelConfig
+from service.engine import IntArray, ModelConfig
 from service.metrics import Metrics
 from service.settings import Aggregation, LongDocumentPolicy
 
@@ -56,6 +58,7 @@ class Classifier:
         chunk_overlap: int,
         aggregation: Aggregation = "max",
         tokenizer_threads: int = 2,
+        max_tokenize_chars: int = 1_000_000,
     ) -> None:
         if not 0 <= chunk_overlap < config.n_max:
             raise ValueError(f"chunk_overlap must be below n_max={config.n_max}")
@@ -67,6 +70,7 @@ class Classifier:
         self.aggregation = aggregation
         self._flags = config.flag_indices
         self._executor = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="linmod-tokenize")
+        self.gate = CharGate(max_tokenize_chars)
 
     async def classify(
         self,
@@ -78,10 +82,17 @@ class Classifier:
         deadline: float | None = None,
         wait_for_room: bool = False,
     ) -> Classification:
-        """Classify texts; raises DocumentError subclasses and the batcher's errors."""
-        loop = asyncio.get_running_loop()
+        """Classify texts; raises DocumentError subclasses and the batcher's errors, with
+        QueueFullError when the tokenizer's budget is taken and `wait_for_room` is false."""
         start = time.perf_counter()
-        ids = await loop.run_in_executor(self._executor, self._encoder.encode, texts)
+        try:
+            async with asyncio.timeout_at(deadline):
+                ids = await self._tokenize(texts, wait_for_room)
+        except TimeoutError:
+            self._metrics.rejections.labels("deadline").inc()
+            raise DeadlineExceededError(
+                "the request's deadline passed while it was tokenized"
+            ) from None
         tokenize_s = time.perf_counter() - start
         self._metrics.tokenize_duration.observe(tokenize_s)
 
@@ -105,6 +116,32 @@ class Classifier:
         self._metrics.documents.inc(len(plans))
         self._metrics.chunks.inc(len(windows))
         return Classification(results, tokenize_s, submitted.queue_s, submitted.inference_s)
+
+    async def _tokenize(self, texts: Sequence[str], wait_for_room: bool) -> list[IntArray]:
+        """Token ids, once the texts' characters fit the tokenizer's budget; they are held until
+        the thread has finished, even when the caller has gone, so the budget bounds real work."""
+        chars = sum(len(t) for t in texts)
+        if wait_for_room:
+            self.gate.admit_size(chars)
+            await self.gate.budget.acquire(chars)
+        else:
+            try:
+                self.gate.admit(chars)
+            except QueueFullError:
+                self._metrics.rejections.labels("queue_full").inc()
+                raise
+        loop = asyncio.get_running_loop()
+        began = time.perf_counter()
+
+        def finished(_: object) -> None:
+            self.gate.observe(chars, time.perf_counter() - began)
+            # A closed loop (the server stopped) has nobody left to admit.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.gate.budget.release, chars)
+
+        future = self._executor.submit(self._encoder.encode, texts)
+        future.add_done_callback(finished)
+        return await asyncio.wrap_future(future)
 
     def _result(
         self, probs: np.ndarray, tokens: int, chunks: int, truncated: bool

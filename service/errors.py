@@ -17,6 +17,7 @@ from service.batcher import (
     BatchFailedError,
     DeadlineExceededError,
     QueueFullError,
+    RequestTooLargeError,
 )
 from service.documents import DocumentError, DocumentTooLongError
 from service.state import get_state
@@ -59,6 +60,8 @@ def from_classify_error(exc: BatcherError | DocumentError) -> ApiError:
         return ApiError(413, str(exc), code="document_too_long", reason="too_large")
     if isinstance(exc, DocumentError):
         return ApiError(422, str(exc), code="invalid_input", reason="invalid")
+    if isinstance(exc, RequestTooLargeError):
+        return ApiError(413, str(exc), code="request_too_large", reason="too_large")
     if isinstance(exc, QueueFullError):
         headers = {"Retry-After": str(exc.retry_after)}
         msg = f"the server is busy ({exc}); retry after {exc.retry_after} s"

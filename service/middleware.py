@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.admission import Budget
 from service.errors import INVALID, error_body
 from service.metrics import Metrics
 
@@ -31,6 +33,12 @@ CACHEABLE = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
 def method_label(method: str) -> str:
     """The method as a metric label: one of METHODS, else "other"."""
     return method if method in METHODS else "other"
+
+
+def started_at(scope: Scope) -> float | None:
+    """The event loop's time() when this request arrived, if the middleware saw it."""
+    value = scope.get("state", {}).get("started_at")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def request_id(scope: Scope) -> str:
@@ -53,6 +61,8 @@ class RequestContextMiddleware:
         rid = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
+        # Deadlines count from here, so reading and parsing the body is inside them.
+        scope["state"]["started_at"] = asyncio.get_running_loop().time()
         status = 500
 
         async def send_with_headers(message: Message) -> None:
@@ -133,3 +143,40 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class BodyAdmissionMiddleware:
+    """Bodies over `small` bytes on `paths` share `limit` bytes in flight (declared length, or
+    the full limit when undeclared), held until the response ends; 429 without reading the body
+    when there is no room. Smaller bodies pass: the batcher's queue bounds them."""
+
+    def __init__(
+        self, app: ASGIApp, paths: frozenset[str], limit: int, small: int, metrics: Metrics
+    ) -> None:
+        self.app = app
+        self.paths = paths
+        self.budget = Budget(limit)
+        self.small = small
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        size = int(declared) if declared.isdigit() else self.budget.limit
+        if size <= self.small:
+            await self.app(scope, receive, send)
+            return
+        cost = min(size, self.budget.limit)
+        if not self.budget.try_acquire(cost):
+            self.metrics.rejections.labels("queue_full").inc()
+            message = "the server is busy with large requests; retry after 1 s"
+            body = error_body(message, "rate_limit_error", "queue_full")
+            response = JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.budget.release(cost)

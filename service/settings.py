@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     max_chars: int = Field(250_000, ge=1, description="characters per input text (then 413)")
     max_inputs: int = Field(128, ge=1, description="texts per request (then 413)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="request body bytes (then 413)")
+    max_tokenize_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="characters waiting for or in the tokenizer (then 429); also per request (413)",
+    )
+    max_inflight_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1,
+        description="bytes of classify bodies over 64 KiB being parsed or served at once (then 429)",
+    )
 
     # Mail and HTML inputs (input_format email or html, message/rfc822 bodies)
     mail_max_parts: int = Field(100, ge=1, description="MIME parts per message (then 413)")

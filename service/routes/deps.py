@@ -14,6 +14,7 @@ from service.batcher import BatcherError
 from service.classifier import Classification, Classifier
 from service.documents import DocumentError
 from service.errors import ApiError, from_classify_error
+from service.middleware import started_at
 from service.settings import Aggregation, LongDocumentPolicy, Settings
 from service.state import ServiceState, get_state
 
@@ -115,7 +116,8 @@ async def classify_texts(
 ) -> Classification:
     """Classify for an HTTP caller: limits, deadline, disconnects, errors and timing headers."""
     check_limits(texts, settings)
-    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    arrived = started_at(request.scope) or asyncio.get_running_loop().time()
+    deadline = arrived + settings.request_timeout_s
     work = asyncio.ensure_future(
         classifier.classify(
             texts,
