@@ -17,6 +17,7 @@ from service.auth import ApiKeyMiddleware
 from service.batcher import BatcherConfig, DynamicBatcher
 from service.classifier import Classifier
 from service.documents import DocumentEncoder
+from service.drain import InflightMiddleware
 from service.engine import Engine, EngineError, OnnxEngine, warmup, warmup_shapes
 from service.errors import install_error_handlers
 from service.jobs.upload import UPLOAD_OVERHEAD
@@ -173,6 +174,7 @@ def create_app(
     )
     # Keys are checked before any route reads the body: no key, 401, whatever the body is.
     app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(InflightMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
     for module in (ops, classify, moderations):

@@ -51,23 +51,14 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse settings, set up logging and run the server until SIGINT/SIGTERM."""
-    import uvicorn
-
+    """Parse settings, set up logging and serve until SIGTERM/SIGINT, draining first."""
     from service.app import create_app
+    from service.drain import serve
     from service.logs import configure_logging
 
     settings = settings_from_args(argv)
     configure_logging(settings.log_format, settings.log_level)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # uvicorn logs through ours
-        access_log=False,  # the request middleware writes one structured line per request
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
-    )
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request (then 504)")
     shutdown_timeout_s: float = Field(30.0, ge=0, description="how long shutdown drains the queue")
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long requests in flight may take to finish"
+    )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="on SIGTERM, how long new work is still taken while /ready is 503 (for load "
+        "balancers to notice)",
+    )
 
     # Long documents
     long_document: LongDocumentPolicy = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,10 @@ class ServiceState:
     classifier: Classifier | None = None
     ready: bool = False
     stopping: bool = False
+    draining: bool = False  # SIGTERM came: /ready is 503
+    refusing: bool = False  # and new work is refused (after the drain delay)
+    inflight: int = 0  # requests being served, probes and scrapes aside
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when inflight drops to 0
     warmup_s: float | None = None
     startup_error: str | None = None
     started_at: float = field(default_factory=time.time)

@@ -76,7 +76,7 @@ class JobWorker:
     async def stop(self) -> None:
         """Stop claiming, let lines in flight finish (the batcher still runs), write their
         results, and hand back what did not finish in time."""
-        if self.db is None:
+        if self.db is None or self._closing:
             return
         self._stopping = True
         self._wake.set()
@@ -96,6 +96,23 @@ class JobWorker:
         await asyncio.gather(heartbeat, return_exceptions=True)
         await asyncio.to_thread(self.db.close)
         log.info("batch-job worker stopped", extra={"worker": self.id})
+
+    async def drain(self) -> None:
+        """Stop claiming and hand back every line in flight at once (the server is draining),
+        so other replicas take them now; results already computed are written first."""
+        if self.db is None or self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(self._tasks[0], return_exceptions=True)
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        try:
+            await self._write()
+        except Exception:
+            log.exception("handing back batch lines failed", extra={"worker": self.id})
+        log.info("batch-job lines handed back", extra={"worker": self.id})
 
     def wake(self) -> None:
         """Look for work now (a batch was created or cancelled here)."""

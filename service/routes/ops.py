@@ -26,10 +26,11 @@ async def health() -> dict[str, str]:
 @router.get("/ready", responses={503: {"description": "loading, warming up or stopping"}})
 async def ready(state: StateDep) -> Response:
     """200 once the model is loaded and warmed up; 503 before that and while stopping."""
-    if state.ready and not state.stopping:
+    stopping = state.stopping or state.draining
+    if state.ready and not stopping:
         return JSONResponse({"status": "ready"})
-    message = "the server is shutting down" if state.stopping else "the model is not ready yet"
-    code = "shutting_down" if state.stopping else "not_ready"
+    message = "the server is shutting down" if stopping else "the model is not ready yet"
+    code = "shutting_down" if stopping else "not_ready"
     if state.startup_error:
         # The reason is in the server's log; an unauthenticated probe learns only that it failed.
         message, code = "the model failed to start; the server's log says why", "startup_failed"

@@ -1,0 +1,135 @@
+"""Graceful drain on SIGTERM, what keeps rolling updates invisible to clients:
+
+1. `/ready` answers 503 at once, so load balancers stop sending work here;
+2. after `drain_delay_s` (time for them to notice), new work (any API request but a GET) is
+   refused with 503, `Retry-After` and `Connection: close`, so a client or proxy retries it on
+   another replica;
+3. the batch-jobs worker stops claiming and hands its lines back at once, so another replica
+   takes them;
+4. requests in flight finish, for at most `drain_grace_s`;
+5. then the server stops: connections close, the lifespan stops the worker and the batcher.
+
+A second SIGTERM or SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.auth import ALWAYS_OPEN
+from service.errors import error_body
+from service.settings import Settings
+from service.state import ServiceState, get_state
+
+log = logging.getLogger(__name__)
+
+READS = frozenset({"GET", "HEAD"})
+
+
+class InflightMiddleware:
+    """Counts requests in flight (probes and scrapes aside) and, once draining, refuses new work."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in ALWAYS_OPEN:
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        if state.refusing and scope["method"] not in READS:
+            state.metrics.rejections.labels("shutting_down").inc()
+            body = error_body(
+                "the server is shutting down; retry, another replica will answer",
+                "service_unavailable",
+                "shutting_down",
+            )
+            headers = {"Retry-After": "1", "Connection": "close"}
+            await JSONResponse(body, status_code=503, headers=headers)(scope, receive, send)
+            return
+        state.inflight += 1
+        state.idle.clear()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.inflight -= 1
+            if state.inflight == 0:
+                state.idle.set()
+
+
+async def drain(state: ServiceState) -> None:
+    """Steps 1 to 4 above; returns when in-flight requests are done or the grace period ends."""
+    s = state.settings
+    began = time.monotonic()
+    state.draining = True
+    log.info("draining", extra={"grace_s": s.drain_grace_s, "in_flight": state.inflight})
+    if s.drain_delay_s > 0:
+        await asyncio.sleep(s.drain_delay_s)
+    state.refusing = True
+    if state.jobs is not None:
+        await state.jobs.drain()
+    left = max(0.0, s.drain_grace_s - (time.monotonic() - began))
+    try:
+        async with asyncio.timeout(left):
+            await state.idle.wait()
+    except TimeoutError:
+        log.warning(
+            "drain grace period ended with requests in flight", extra={"in_flight": state.inflight}
+        )
+    log.info("drained", extra={"seconds": round(time.monotonic() - began, 3)})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose first SIGTERM/SIGINT drains before it stops, and exits 0 after it."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._draining: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining is not None or self._loop is None or self.should_exit:
+            self.should_exit = self.force_exit = True  # a second signal: stop now
+            return
+        log.info("signal received", extra={"signal": signal.Signals(sig).name})
+        self._loop.call_soon_threadsafe(self._begin_drain)
+
+    def _begin_drain(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain_then_exit(), name="linmod-drain")
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await drain(self.state)
+        finally:
+            self.should_exit = True
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run the app under uvicorn until SIGTERM/SIGINT, draining first."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # uvicorn logs through ours
+        access_log=False,  # the request middleware writes one structured line per request
+        # What the drain left running (it waited drain_grace_s already) gets this long.
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
+    )
+    DrainingServer(config, get_state(app)).run()
