@@ -20,7 +20,7 @@ TRAIN_ARGS ?= --d-model 128 --d-ff 512 --n-layers 4 --n-heads 4 --k 128 --epochs
 EVAL_ARGS ?= --max-flag-rate hard-ham-1=0.05
 
 .PHONY: help serve install install-dev test test-fast lint format data train eval export parity model \
-        bench bench-quick docker-wheels docker-build docker-smoke deploy-tools deploy-check clean
+        bench bench-quick bench-mail docker-wheels docker-build docker-smoke deploy-tools deploy-check clean
 
 help:
 	@echo "make serve      serve the shipped model on port $(PORT) (GPU if present, else CPU)"
@@ -29,6 +29,7 @@ help:
 	@echo "make lint       ruff and mypy"
 	@echo "make model      reproduce the shipped model from scratch (data, train, eval, export, parity)"
 	@echo "make bench      run all benchmarks (bench-quick for a few minutes' version)"
+	@echo "make bench-mail raw mail vs extracted text over HTTP on the whole test split, and F1"
 	@echo "make deploy-check  render, validate and lint the Kubernetes and compose files"
 
 $(PY):
@@ -89,6 +90,9 @@ bench: $(VENV)/.dev-installed
 
 bench-quick: $(VENV)/.dev-installed
 	$(PY) -m bench.run_all --quick
+
+bench-mail: $(VENV)/.dev-installed
+	$(PY) -m bench.mail
 
 # Wheels for an offline image build, tagged for the image's Python and glibc, not the host's:
 # 3.12 and glibc 2.39 on the default CUDA base (Ubuntu 24.04); 3.11 and 36 for Debian bookworm.
