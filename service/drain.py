@@ -23,8 +23,9 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import ALWAYS_OPEN
 from service.errors import error_body
@@ -60,8 +61,16 @@ class InflightMiddleware:
             return
         state.inflight += 1
         state.idle.clear()
+
+        async def closing(message: Message) -> None:
+            # While draining, no connection is kept alive: a client's next request on it could
+            # meet the server closing it. Each goes to a fresh connection, elsewhere.
+            if message["type"] == "http.response.start" and state.draining:
+                MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, closing)
         finally:
             state.inflight -= 1
             if state.inflight == 0:

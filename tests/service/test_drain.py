@@ -38,6 +38,8 @@ async def test_drain_refuses_new_work_and_waits_for_what_is_in_flight(
         draining = asyncio.create_task(drain(state))
         await until(lambda: state.refusing)
         assert (await client.get("/ready")).status_code == 503
+        read = await client.get("/v1/batches")
+        assert read.status_code == 200 and read.headers["connection"] == "close"
         refused = await client.post("/v1/classify", json={"input": "new"})
         assert refused.status_code == 503 and refused.headers["connection"] == "close"
         assert refused.headers["retry-after"] == "1"
@@ -83,7 +85,7 @@ def test_sigterm_under_load_loses_nothing(tiny_artifact: Path, tmp_path: Path) -
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     # A long lease: if the drained replica did not hand its lines back, the batch would stall.
     flags = ("--job-lease-s", "300", "--job-poll-s", "0.05", "--job-claim-lines", "16",
-             "--drain-grace-s", "20")  # fmt: skip
+             "--drain-grace-s", "20", "--drain-delay-s", "1.5")  # fmt: skip
     a = JobServer(tiny_artifact, tmp_path / "a.log", url, *flags)
     b = JobServer(tiny_artifact, tmp_path / "b.log", url, *flags)
     try:
