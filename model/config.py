@@ -11,6 +11,8 @@ from typing import Any, Literal
 Sharing = Literal["none", "kv", "layerwise"]
 Attention = Literal["linformer", "full"]
 Pooling = Literal["mean", "mean_max"]
+Norm = Literal["pre", "post"]
+Projection = Literal["learned", "pooled"]
 
 
 @dataclass
@@ -34,6 +36,19 @@ class ModelConfig:
     pooling: Pooling = "mean"
     # Odd kernel width of a depthwise convolution before attention in every block; 0: none.
     conv_kernel: int = 0
+    # "pre": LayerNorm before attention and MLP (trains stably from scratch); "post": after the
+    # residual sum, with a LayerNorm on the embeddings, as BERT does (for converted encoders).
+    norm: Norm = "pre"
+    norm_eps: float = 1e-5
+    # "learned": E/F parameters of shape (n_max, k), as in the paper's main variant. "pooled":
+    # the paper's "general projection" by mean pooling with kernel and stride n/k, where n is the
+    # document's own length: a document of at most k tokens keeps one slot per token (exact full
+    # attention), a longer one is averaged in k contiguous segments, each weighted by its size.
+    projection: Projection = "learned"
+    # A bag-of-words branch beside the encoder: TF-IDF of the window's token ids (sublinear tf,
+    # L2-normalised) through a linear layer, its logits added to the encoder's. Its weights are
+    # fitted by logistic regression on the training split (model/bow.py), not by gradient steps.
+    bow: bool = False
     dropout: float = 0.1
     pad_id: int = 0
     labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
@@ -53,6 +68,10 @@ class ModelConfig:
             raise ValueError(f"pooling must be mean or mean_max, not {self.pooling!r}")
         if self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
             raise ValueError(f"conv_kernel must be 0 or odd, not {self.conv_kernel}")
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"norm must be pre or post, not {self.norm!r}")
+        if self.projection not in ("learned", "pooled"):
+            raise ValueError(f"projection must be learned or pooled, not {self.projection!r}")
         if len(self.labels) < 2:
             raise ValueError("a classifier needs at least two labels")
 

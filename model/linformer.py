@@ -20,6 +20,54 @@ class SequenceTooLongError(ValueError):
     """Input longer than the model's n_max; the service chunks before it gets here."""
 
 
+class SequenceProjection:
+    """How one layer maps T keys/values to k: learned E/F, or pooling over the document's length."""
+
+    def __init__(
+        self,
+        E: torch.Tensor,  # (n_max, k) learned, or (B, T, k) pooling weights
+        F_: torch.Tensor,
+        scale: torch.Tensor,  # (B, 1, 1): 1/sqrt(real length); unused when pooling
+        bias: torch.Tensor,  # (B, 1, 1, k): log segment sizes when pooling; 0 otherwise
+    ) -> None:
+        self.E, self.F_, self.scale, self.bias = E, F_, scale, bias
+
+    def apply(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) keys and values (pad rows zeroed) -> (B, k, C) each."""
+        T = k.shape[1]
+        if self.E.dim() == 3:  # per-document pooling weights, already (B, T, k)
+            return self.E.transpose(1, 2) @ k, self.F_.transpose(1, 2) @ v
+        # Slice to the batch length with no branch on the shape, so an exported graph keeps
+        # the Slice and stays dynamic in T. Rows 0..L-1 line up with a right-padded document.
+        E_T = self.E[:T].transpose(0, 1)  # (k, T)
+        F_T = self.F_[:T].transpose(0, 1)
+        # Normalising by the document's own length keeps the projected keys on one scale for
+        # 10 tokens and 4,096 alike; it depends on the mask only, never on the batch.
+        return torch.matmul(E_T, k) * self.scale, torch.matmul(F_T, v) * self.scale
+
+
+def segment_pooling(keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooling weights (B, T, k) over k contiguous segments of each document's real tokens,
+    and the attention bias (B, 1, 1, k): log of each segment's size, a large negative when empty.
+
+    Token t of a document of length L goes to segment floor(t * k / L): with L <= k every token
+    has a slot of its own, so attention is exact; the log-size bias makes a segment of n equal
+    keys weigh as n keys would. Both depend on the document's own mask only, never on the batch.
+    """
+    T = keep.shape[1]
+    lengths = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1) int64
+    pos = torch.arange(T, device=keep.device).unsqueeze(0)  # (1, T)
+    seg = torch.div(pos * k, lengths, rounding_mode="floor")  # (B, T)
+    slots = torch.arange(k, device=keep.device)  # (k,)
+    onehot = (seg.unsqueeze(-1) == slots) & keep.unsqueeze(-1)  # (B, T, k)
+    weights = onehot.float()
+    counts = weights.sum(dim=1, keepdim=True)  # (B, 1, k)
+    pool = weights / counts.clamp(min=1.0)
+    # -1e4 rather than -inf: finite in fp16 as well, and exp() of it is 0 next to any real slot.
+    bias = torch.where(counts > 0, torch.log(counts.clamp(min=1.0)), -1e4)  # (B, 1, k)
+    return pool, bias.unsqueeze(1)
+
+
 class LinformerSelfAttention(nn.Module):
     """Multi-head self-attention over k projected keys/values instead of all T tokens."""
 
@@ -41,9 +89,7 @@ class LinformerSelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, C)
         keep: torch.Tensor,  # (B, T) bool, True for real tokens
-        E: torch.Tensor,  # (n_max, k)
-        F_: torch.Tensor,  # (n_max, k)
-        scale: torch.Tensor,  # (B, 1, 1): 1/sqrt(real length)
+        proj: SequenceProjection,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, hs = self.n_heads, self.head_dim
@@ -63,18 +109,11 @@ class LinformerSelfAttention(nn.Module):
             keep3 = keep.unsqueeze(-1)  # (B, T, 1)
             k = torch.where(keep3, k, 0.0)
             v = torch.where(keep3, v, 0.0)
-            # Slice to the batch length with no branch on the shape, so an exported graph keeps
-            # the Slice and stays dynamic in T. Rows 0..L-1 line up with a right-padded document.
-            E_T = E[:T].transpose(0, 1)  # (k, T)
-            F_T = F_[:T].transpose(0, 1)
-            # Normalising by the document's own length keeps the projected keys on one scale for
-            # 10 tokens and 4,096 alike; it depends on the mask only, never on the batch.
-            kp = torch.matmul(E_T, k) * scale  # (B, k, C)
-            vp = torch.matmul(F_T, v) * scale
+            kp, vp = proj.apply(k, v)  # (B, k, C) each
             kp = self.k_norm(kp.view(B, -1, nh, hs).transpose(1, 2))  # (B, nh, k, hs)
             vp = vp.view(B, -1, nh, hs).transpose(1, 2)
             att = torch.matmul(q, kp.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, k)
-            att = self.attn_drop(torch.softmax(att, dim=-1))
+            att = self.attn_drop(torch.softmax(att + proj.bias, dim=-1))
             y = torch.matmul(att, vp)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.out(y))
@@ -113,32 +152,56 @@ class LocalConv(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (with an optional local convolution before attention)."""
+    """Transformer block: pre-norm (with an optional local convolution first), or BERT's post-norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln0 = nn.LayerNorm(cfg.d_model) if cfg.conv_kernel else None
+        self.post = cfg.norm == "post"
+        self.ln0 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.conv_kernel else None
         self.conv = LocalConv(cfg) if cfg.conv_kernel else None
-        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = LinformerSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        keep: torch.Tensor,
-        E: torch.Tensor,
-        F_: torch.Tensor,
-        scale: torch.Tensor,
+        self, x: torch.Tensor, keep: torch.Tensor, proj: SequenceProjection
     ) -> torch.Tensor:
         if self.conv is not None and self.ln0 is not None:
             x = x + self.conv(self.ln0(x), keep)
-        x = x + self.attn(self.ln1(x), keep, E, F_, scale)
+        if self.post:
+            x = self.ln1(x + self.attn(x, keep, proj))
+            return self.ln2(x + self.mlp(x))
+        x = x + self.attn(self.ln1(x), keep, proj)
         return x + self.mlp(self.ln2(x))
 
 
+class BagOfWords(nn.Module):
+    """TF-IDF of a window's token ids (1 + log tf, times idf, L2-normalised) -> logits.
+
+    The weights are buffers filled by a logistic regression (model/bow.py), so the exported graph
+    carries a linear text classifier beside the encoder. Pad tokens are never counted.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("idf", torch.zeros(cfg.vocab_size))  # 0: a token not in the vocabulary
+        self.register_buffer("weight", torch.zeros(cfg.vocab_size, cfg.num_labels))
+        self.register_buffer("bias", torch.zeros(cfg.num_labels))
+
+    def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        B = input_ids.shape[0]
+        counts = torch.zeros(B, self.idf.shape[0], dtype=self.idf.dtype, device=input_ids.device)
+        counts = counts.scatter_add(1, input_ids, keep.to(counts.dtype))  # (B, V)
+        tf = torch.where(counts > 0, 1.0 + torch.log(counts.clamp(min=1.0)), 0.0)
+        x = tf * self.idf
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=1e-12)
+        return x @ self.weight + self.bias  # (B, num_labels)
+
+
 def _num_projections(cfg: ModelConfig) -> int:
+    if cfg.attention == "full" or cfg.projection == "pooled":
+        return 0
     return {"none": 2 * cfg.n_layers, "kv": cfg.n_layers, "layerwise": 1}[cfg.sharing]
 
 
@@ -150,14 +213,18 @@ class LinformerClassifier(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.n_max, cfg.d_model)
+        # BERT normalises the embeddings; a pre-norm stack normalises at the end instead.
+        post = cfg.norm == "post"
+        self.emb_ln = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if post else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = nn.Identity() if post else nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         pooled_dim = cfg.d_model * (2 if cfg.pooling == "mean_max" else 1)
         self.head = nn.Linear(pooled_dim, cfg.num_labels)
+        self.bow = BagOfWords(cfg) if cfg.bow else None
         # Sequence-axis projections, shared per cfg.sharing. Held here and handed to each layer
         # rather than registered in several modules, so checkpoints store each tensor once.
-        n_proj = _num_projections(cfg) if cfg.attention == "linformer" else 0
+        n_proj = _num_projections(cfg)
         self.proj = nn.ParameterList(
             [nn.Parameter(torch.empty(cfg.n_max, cfg.k)) for _ in range(n_proj)]
         )
@@ -175,10 +242,7 @@ class LinformerClassifier(nn.Module):
             nn.init.normal_(p, std=1.0)
 
     def projections(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E, F) used by a layer under the configured sharing."""
-        if self.cfg.attention == "full":
-            empty = torch.empty(0, 0, device=self.head.weight.device)
-            return empty, empty
+        """(E, F) used by a layer under the configured sharing (learned projections)."""
         if self.cfg.sharing == "layerwise":
             return self.proj[0], self.proj[0]
         if self.cfg.sharing == "kv":
@@ -197,12 +261,24 @@ class LinformerClassifier(nn.Module):
             )
         keep = attention_mask.bool()  # (B, T)
         pos = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
+        x = self.drop(self.emb_ln(self.tok_emb(input_ids) + self.pos_emb(pos)))  # (B, T, C)
         lengths = keep.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
         scale = lengths.to(x.dtype).rsqrt().unsqueeze(-1)  # (B, 1, 1)
+        no_bias = torch.zeros(1, 1, 1, 1, dtype=x.dtype, device=x.device)
+        pooled = None
+        if self.cfg.attention == "linformer" and self.cfg.projection == "pooled":
+            pool, bias = segment_pooling(keep, self.cfg.k)
+            pool = pool.to(x.dtype)
+            pooled = SequenceProjection(pool, pool, scale, bias.to(x.dtype))
         for i, block in enumerate(self.blocks):
-            E, F_ = self.projections(i)
-            x = block(x, keep, E, F_, scale)
+            if pooled is not None:
+                proj = pooled
+            elif self.cfg.attention == "full":
+                proj = SequenceProjection(scale, scale, scale, no_bias)  # unused by full attention
+            else:
+                E, F_ = self.projections(i)
+                proj = SequenceProjection(E, F_, scale, no_bias)
+            x = block(x, keep, proj)
         return self.ln_f(x), keep
 
     def pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -220,7 +296,10 @@ class LinformerClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, T), right-padded; returns logits (B, num_labels)."""
         x, keep = self.encode(input_ids, attention_mask)
-        return self.head(self.pool(x, keep))  # (B, num_labels)
+        logits = self.head(self.pool(x, keep))  # (B, num_labels)
+        if self.bow is not None:
+            logits = logits + self.bow(input_ids, keep)
+        return logits
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

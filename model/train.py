@@ -61,8 +61,16 @@ class TrainConfig:
     # Each real token is replaced by <mask> with this probability, afresh every step: the model
     # cannot lean on any one word, which is how a small corpus gets memorised.
     token_dropout: float = 0.0
-    # A linmod-pretrain run directory to start from: its tokenizer, sizes and encoder weights.
+    # A linmod-pretrain, linmod-convert or linmod-train run directory to start from: its
+    # tokenizer, sizes and encoder weights (and with init_head, its classification head too).
     init: str = ""
+    init_head: bool = False
+    # Documents are cut to their first max_len tokens in training and validation (0: n_max):
+    # short first, then long, is how a length curriculum runs within a CPU budget.
+    max_len: int = 0
+    # Each layer below the top learns at this factor of the one above (1: one learning rate);
+    # a pre-trained encoder's lower layers need less change than its upper ones.
+    layer_lr_decay: float = 1.0
     seed: int = 1234
     threads: int = 0  # 0: torch's default
     vocab_size: int = 16000
@@ -113,16 +121,18 @@ def parse_group_weights(spec: str) -> dict[str, float]:
     return out
 
 
-def load_pretrained(init_dir: Path, mc: ModelConfig) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Sizes and encoder weights of a linmod-pretrain run; dropout and pooling stay as given."""
+def load_pretrained(
+    init_dir: Path, mc: ModelConfig, head: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Sizes and encoder weights of a run to start from; dropout and pooling stay as given."""
     ckpt = init_dir / "last"
     for path in (init_dir / "tokenizer.json", ckpt / CONFIG, ckpt / WEIGHTS):
         if not path.exists():
             raise DataError(f"{init_dir} is not a linmod-pretrain run: {path} does not exist")
     pre = ModelConfig.load(ckpt / CONFIG)
-    mc = dataclasses.replace(pre, dropout=mc.dropout, pooling=mc.pooling)
+    mc = dataclasses.replace(pre, dropout=mc.dropout, pooling=pre.pooling if head else mc.pooling)
     state = load_file(str(ckpt / WEIGHTS))
-    return mc, {k: v for k, v in state.items() if not k.startswith("head.")}
+    return mc, {k: v for k, v in state.items() if head or not k.startswith("head.")}
 
 
 def encode_split(
@@ -223,17 +233,39 @@ def lr_at(step: int, total: int, tc: Schedule) -> float:
 _SEQUENCE_PROJECTION = re.compile(r"(.+\.)?proj\.\d+")  # E/F in the model's ParameterList
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no decay on biases, norms, embeddings and the sequence projections (nanoGPT's split)."""
-    decay, no_decay = [], []
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def layer_depth(name: str, n_layers: int) -> int:
+    """How far below the head a parameter sits: 0 for the head, n_layers + 1 for embeddings."""
+    m = _BLOCK.match(name)
+    if m:
+        return n_layers - int(m.group(1))
+    return n_layers + 1 if "emb" in name else 0
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, layer_lr_decay: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases, norms, embeddings and the sequence projections (nanoGPT's split).
+
+    With layer_lr_decay < 1 each parameter's learning rate is lr x decay^depth (depth 0: head).
+    """
+    n_layers = len(getattr(model, "blocks", []))
+    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         plain = p.dim() >= 2 and "emb" not in name and not _SEQUENCE_PROJECTION.fullmatch(name)
-        (decay if plain else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        depth = layer_depth(name, n_layers) if layer_lr_decay != 1.0 else 0
+        groups.setdefault((plain, depth), []).append(p)
+    params = [
+        {
+            "params": ps,
+            "weight_decay": weight_decay if plain else 0.0,
+            "lr": lr * layer_lr_decay**depth,
+        }
+        for (plain, depth), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def evaluate_split(
@@ -278,7 +310,7 @@ def train(
     tok_path = out_dir / "tokenizer.json"
     init_state = None
     if tc.init:
-        mc, init_state = load_pretrained(Path(tc.init), mc)
+        mc, init_state = load_pretrained(Path(tc.init), mc, head=tc.init_head)
         shutil.copyfile(Path(tc.init) / "tokenizer.json", tok_path)
     if tok_path.exists():
         tok = load_tokenizer(tok_path)
@@ -288,16 +320,17 @@ def train(
     mc = dataclasses.replace(mc, vocab_size=tok.get_vocab_size(), labels=labels, pad_id=PAD_ID)
     if tc.token_dropout and tok.token_to_id("<mask>") != MASK_ID:
         raise DataError(f"token dropout needs a <mask> token at id {MASK_ID}; {tok_path} has none")
-    x_train, y_train = encode_split(tok, train_ex, labels, mc.n_max)
+    max_len = min(tc.max_len or mc.n_max, mc.n_max)
+    x_train, y_train = encode_split(tok, train_ex, labels, max_len)
     w_train = np.array([weights.get(e.group, 1.0) for e in train_ex], dtype=np.float32)
-    x_val, y_val = encode_split(tok, val_ex, labels, mc.n_max)
+    x_val, y_val = encode_split(tok, val_ex, labels, max_len)
 
     model = LinformerClassifier(mc).to(device)
     if init_state is not None:
         # Everything but the classification head, whose shape follows the labels and pooling.
         missing, unexpected = model.load_state_dict(init_state, strict=False)
         assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
-    opt = make_optimizer(model, tc.lr, tc.weight_decay)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay, tc.layer_lr_decay)
     gen = torch.Generator().manual_seed(tc.seed)
     rng = random.Random(tc.seed)
     lengths = [len(s) for s in x_train]

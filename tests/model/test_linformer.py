@@ -38,7 +38,19 @@ VARIANTS = {
     **MODELS,
     "mean_max": tiny("layerwise", pooling="mean_max"),
     "conv": tiny("layerwise", conv_kernel=5),
+    # The layout a converted BERT encoder uses: post-norm, pooled projection, bag of words.
+    "bert": tiny("layerwise", norm="post", projection="pooled", qk_norm=False, bow=True),
 }
+
+
+def _random_bow(model: LinformerClassifier) -> None:
+    assert model.bow is not None
+    g = torch.Generator().manual_seed(1)
+    model.bow.idf.copy_(torch.rand(VOCAB, generator=g) * (torch.rand(VOCAB, generator=g) > 0.3))
+    model.bow.weight.copy_(torch.randn(VOCAB, 2, generator=g))
+
+
+_random_bow(VARIANTS["bert"])
 doc = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=N_MAX)
 
 
@@ -137,3 +149,60 @@ def test_shipped_model_accepts_at_least_4096_tokens() -> None:
     if not cfg.exists():
         pytest.skip("the shipped artifact is not in this checkout")
     assert json.loads(cfg.read_text())["n_max"] >= 4096
+
+
+def test_pooled_projection_is_exact_attention_up_to_k_tokens() -> None:
+    """Up to k tokens every token keeps a slot of its own: the same logits as full attention."""
+    pooled = tiny(norm="post", projection="pooled", qk_norm=False)
+    full = tiny(norm="post", projection="pooled", qk_norm=False, attention="full")
+    with torch.no_grad():  # sharper attention than a fresh initialisation's near-uniform one
+        for b in pooled.blocks:
+            b.attn.q.weight.mul_(100.0)
+    full.load_state_dict(pooled.state_dict())
+    k = pooled.cfg.k
+    with torch.no_grad():
+        short = collate([[3, 4, 5], list(range(10, 10 + k))])
+        assert torch.allclose(pooled(*short), full(*short), atol=1e-5)
+        # Past k tokens segments are averaged: an approximation, no longer the same states.
+        longer = collate([list(range(10, 10 + 3 * k))])
+        assert not torch.allclose(pooled.encode(*longer)[0], full.encode(*longer)[0], atol=1e-2)
+
+
+def test_segment_pooling_weights_and_bias() -> None:
+    from model.linformer import segment_pooling
+
+    keep = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]).bool()
+    pool, bias = segment_pooling(keep, 4)
+    assert pool.shape == (2, 8, 4) and bias.shape == (2, 1, 1, 4)
+    # Three tokens in four slots: one slot each, one slot empty and masked out.
+    assert torch.equal(pool[0, :3].argmax(-1), torch.tensor([0, 1, 2]))
+    assert bias[0, 0, 0, 3] < -1e3 and torch.allclose(bias[0, 0, 0, :3], torch.zeros(3))
+    assert (pool[0, 3:] == 0).all()
+    # Eight tokens in four slots: pairs, each averaged, each weighing log 2.
+    assert torch.allclose(pool[1].sum(0), torch.ones(4))
+    assert torch.allclose(bias[1, 0, 0], torch.full((4,), float(torch.log(torch.tensor(2.0)))))
+
+
+def test_bag_of_words_branch_matches_sklearn() -> None:
+    """The in-graph TF-IDF + linear layer gives the regression's own decision function."""
+    import numpy as np
+
+    from model.bow import fit_bow
+
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(1, VOCAB, rng.integers(3, 40))) for _ in range(60)]
+    y = np.array([int(sum(d) % 2) for d in docs])
+    state = fit_bow(docs, y, VOCAB, 2, c=5.0)
+    model = tiny(bow=True)
+    assert model.bow is not None
+    model.bow.load_state_dict({k.removeprefix("bow."): v for k, v in state.items()})
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(analyzer=lambda d: d, sublinear_tf=True, min_df=2)
+    lr = LogisticRegression(C=5.0, max_iter=5000).fit(vec.fit_transform(docs), y)
+    want = lr.decision_function(vec.transform(docs[:8]))
+    ids, mask = collate(docs[:8])
+    with torch.no_grad():
+        z = model.bow(ids, mask.bool())
+    assert torch.allclose(z[:, 1] - z[:, 0], torch.tensor(want, dtype=torch.float32), atol=1e-4)

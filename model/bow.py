@@ -1,0 +1,160 @@
+"""A bag-of-words branch for a trained run: TF-IDF + logistic regression on its own token ids,
+installed into the checkpoint so that one exported graph carries both signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.batching import predict_logits
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.data import DataError, read_split
+from model.linformer import LinformerClassifier
+from model.tokenizer import encode, load_tokenizer
+
+# Candidate weights of the bag-of-words logits against the encoder's, chosen on validation.
+MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def fit_bow(
+    seqs: list[list[int]], y: np.ndarray, vocab_size: int, num_labels: int, c: float = 30.0
+) -> dict[str, torch.Tensor]:
+    """idf (V,), weight (V, num_labels), bias (num_labels,) of TF-IDF + logistic regression.
+
+    The same features the model's BagOfWords computes: 1 + log tf, ids seen in fewer than two
+    training documents weigh 0, L2-normalised.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vec = TfidfVectorizer(analyzer=_identity, sublinear_tf=True, min_df=2)
+    x = vec.fit_transform(seqs)
+    lr = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    idf = torch.zeros(vocab_size)
+    weight = torch.zeros(vocab_size, num_labels)
+    bias = torch.zeros(num_labels)
+    ids = torch.tensor([int(t) for t in vec.get_feature_names_out()])
+    idf[ids] = torch.tensor(vec.idf_, dtype=torch.float32)
+    coef = torch.tensor(lr.coef_, dtype=torch.float32)  # (1 or num_labels, features)
+    if coef.shape[0] == 1:  # binary: the logit of label 1 against label 0
+        weight[ids, 1] = coef[0]
+        bias[1] = float(lr.intercept_[0])
+    else:
+        weight[ids] = coef.T
+        bias[:] = torch.tensor(lr.intercept_, dtype=torch.float32)
+    return {"bow.idf": idf, "bow.weight": weight, "bow.bias": bias}
+
+
+def _identity(seq: list[int]) -> list[int]:
+    return seq
+
+
+def with_bow(
+    model: LinformerClassifier, state: dict[str, torch.Tensor], mix: float
+) -> LinformerClassifier:
+    """A copy of `model` with the bag-of-words branch, its logits scaled by `mix`."""
+    out = LinformerClassifier(dataclasses.replace(model.cfg, bow=True))
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("bow.")}
+    weights.update(
+        {
+            "bow.idf": state["bow.idf"],
+            "bow.weight": state["bow.weight"] * mix,
+            "bow.bias": state["bow.bias"] * mix,
+        }
+    )
+    out.load_state_dict(weights)
+    return out.eval()
+
+
+def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def add_bow(run_dir: Path, data_dir: Path, c: float = 30.0) -> dict[str, Any]:
+    """Fit the branch on the run's training split, weigh it on validation, rewrite best/."""
+    from sklearn.metrics import roc_auc_score
+
+    best, encoder_only = run_dir / "best", run_dir / "best-encoder"
+    if not encoder_only.exists():
+        shutil.copytree(best, encoder_only)
+    model = load_checkpoint(encoder_only)
+    if model.cfg.bow:
+        raise CheckpointError(f"{encoder_only} already has a bag-of-words branch")
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    labels, n_max = model.cfg.labels, model.cfg.n_max
+    seqs, ys = {}, {}
+    for split in ("train", "validation"):
+        exs = read_split(data_dir, split)
+        seqs[split] = [s[:n_max] for s in encode(tok, [e.text for e in exs])]
+        ys[split] = np.array([labels.index(e.label) for e in exs])
+    state = fit_bow(seqs["train"], ys["train"], model.cfg.vocab_size, len(labels), c)
+    enc = predict_logits(model, seqs["validation"], progress=True)
+    bow_only = with_bow(model, state, 1.0).bow
+    assert bow_only is not None
+    with torch.no_grad():
+        bow = np.concatenate(
+            [
+                bow_only(*_padded(seqs["validation"][i : i + 64])).numpy()
+                for i in range(0, len(seqs["validation"]), 64)
+            ]
+        )
+    y = ys["validation"]
+    trials = []
+    for mix in MIX_GRID:
+        z = enc + mix * bow
+        auc = float(roc_auc_score(y, z[:, 1] - z[:, 0])) if len(labels) == 2 else float("nan")
+        trials.append({"mix": mix, "val_log_loss": log_loss(z, y), "val_auc": auc})
+    chosen = min(trials, key=lambda t: t["val_log_loss"])
+    save_checkpoint(with_bow(model, state, chosen["mix"]), best)
+    record = {
+        "C": c,
+        "features": int((state["bow.idf"] > 0).sum()),
+        "trials": trials,
+        "chosen": chosen,
+    }
+    summary_path = run_dir / "run.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["bag_of_words"] = record
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return record
+
+
+def _padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    from model.batching import collate
+
+    ids, mask = collate(seqs)
+    return ids, mask.bool()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="linmod-bow", description=__doc__)
+    p.add_argument("--run", type=Path, required=True, help="training run directory")
+    p.add_argument("--data", type=Path, required=True, help="dataset directory (linmod-data)")
+    p.add_argument("--C", type=float, default=30.0, help="inverse L2 strength of the regression")
+    args = p.parse_args(argv)
+    try:
+        record = add_bow(args.run, args.data, args.C)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"linmod-bow: error: {e}", file=sys.stderr)
+        return 2
+    for t in record["trials"]:
+        print(
+            f"mix {t['mix']:.2f}: validation log loss {t['val_log_loss']:.4f}, AUC {t['val_auc']:.4f}"
+        )
+    print(f"kept mix {record['chosen']['mix']} in {args.run / 'best'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
