@@ -20,6 +20,9 @@ from model.card import write_card
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, code_version, load_checkpoint
 from model.data import DataError, Example, read_manifest, read_split
 from model.metrics import binary_report, choose_threshold, multiclass_report, threshold_rule
+from model.sa_baseline import CACHE_DIR as SA_CACHE_DIR
+from model.sa_baseline import SpamAssassinError, spamassassin_baseline
+from model.sa_baseline import summary as sa_summary
 from model.tokenizer import encode, load_tokenizer
 from service.documents import window_starts
 
@@ -105,6 +108,8 @@ def evaluate(
     flag_labels: list[str] | None = None,
     chunk_overlap: int = 256,
     max_group_rate: dict[str, float] | None = None,
+    spamassassin: bool = False,
+    sa_cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     ckpt = run_dir / "best"
     model = load_checkpoint(ckpt)
@@ -152,6 +157,12 @@ def evaluate(
     )
     b_threshold = choose_threshold(b_val, truth["validation"], val_groups, max_group_rate)
     baseline = binary_report(b_test, truth["test"], b_threshold, groups)
+    sa_baseline: dict[str, Any] = {"skipped": "not run (--no-spamassassin)"}
+    if spamassassin:
+        try:
+            sa_baseline = spamassassin_baseline(splits, flag_labels, max_group_rate, sa_cache_dir)
+        except SpamAssassinError as e:
+            sa_baseline = {"skipped": f"SpamAssassin failed: {e}"}
 
     y_test = np.array([labels.index(e.label) for e in splits["test"]])
     metrics: dict[str, Any] = {
@@ -166,6 +177,7 @@ def evaluate(
             "aggregation": "max",
         },
         "baseline_tfidf_logreg": baseline,
+        "baseline_spamassassin": sa_baseline,
         "multiclass": multiclass_report(probs["test"], y_test, labels),
         "validation": binary_report(
             scores["validation"], truth["validation"], threshold, list(val_groups)
@@ -230,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
         help="hold the threshold to flag at most this share of a validation group, "
         "e.g. hard-ham-1=0.05 (legitimate commercial mail)",
     )
+    p.add_argument(
+        "--no-spamassassin",
+        action="store_true",
+        help="skip the SpamAssassin baseline (run where spamassassin is installed)",
+    )
+    p.add_argument(
+        "--sa-cache-dir",
+        type=Path,
+        default=SA_CACHE_DIR,
+        help="where SpamAssassin's scores are kept, keyed by the data's sha256",
+    )
     args = p.parse_args(argv)
     try:
         max_group_rate = parse_group_rates(args.max_flag_rate)
@@ -241,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             args.flag_labels,
             args.chunk_overlap,
             max_group_rate,
+            spamassassin=not args.no_spamassassin,
+            sa_cache_dir=args.sa_cache_dir,
         )
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"linmod-eval: error: {e}", file=sys.stderr)
@@ -253,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             f"AUC {r['roc_auc']:.4f}  threshold {r['threshold']:.3f}"
             + (f"  hard-ham FPR {hard:.3f}" if hard is not None else "")
         )
+    print(sa_summary(m["baseline_spamassassin"]))
     print(f"wrote {args.artifact}")
     return 0
 
