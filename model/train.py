@@ -37,6 +37,9 @@ from model.tokenizer import MASK_ID, PAD_ID, encode, load_tokenizer, train_token
 @dataclass
 class TrainConfig:
     epochs: int = 6  # about 7 minutes an epoch on 2 CPU cores at the default sizes
+    # The learning-rate schedule spans this many epochs (0: `epochs`); fewer epochs stop early
+    # on it, as the first stage of a length curriculum does.
+    schedule_epochs: int = 0
     lr: float = 4e-4  # 1e-3 diverged in the second epoch on the SpamAssassin corpus
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
@@ -337,7 +340,7 @@ def train(
     steps_per_epoch = len(
         optimizer_steps(length_batches(lengths, tc.max_tokens, tc.max_batch), tc.min_docs_per_step)
     )
-    total_steps = steps_per_epoch * tc.epochs
+    total_steps = steps_per_epoch * max(tc.epochs, tc.schedule_epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, tc))
     print(
         f"model: {model.num_parameters() / 1e6:.2f}M parameters, n_max={mc.n_max}, k={mc.k}, "
@@ -459,6 +462,13 @@ def add_dataclass_args(p: argparse.ArgumentParser, cls: type[Any]) -> None:
     """One --option per field of a config dataclass, typed and defaulted by the field."""
     default = cls()
     for f in dataclasses.fields(cls):
+        if isinstance(getattr(default, f.name), bool):
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                action=argparse.BooleanOptionalAction,
+                default=getattr(default, f.name),
+            )
+            continue
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=type(getattr(default, f.name)),

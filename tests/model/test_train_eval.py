@@ -294,3 +294,43 @@ def test_model_card_names_the_kept_epoch_and_label_smoothing(tmp_path: Path) -> 
     card = render_card(tmp_path)
     assert "**average of epochs 1-2** (the average's validation ROC-AUC: 0.9500)." in card
     assert "Label smoothing" not in card
+
+
+def test_layer_wise_learning_rates_decay_from_the_head_down() -> None:
+    from model.config import ModelConfig
+    from model.linformer import LinformerClassifier
+    from model.train import layer_depth, make_optimizer
+
+    model = LinformerClassifier(ModelConfig(vocab_size=50, n_max=16, d_model=16, n_heads=2, k=4))
+    assert layer_depth("head.weight", 4) == 0
+    assert layer_depth("blocks.3.attn.q.weight", 4) == 1
+    assert layer_depth("blocks.0.mlp.fc.weight", 4) == 4
+    assert layer_depth("tok_emb.weight", 4) == 5
+    opt = make_optimizer(model, 1e-3, 0.01, layer_lr_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.blocks[3].attn.q.weight)] == pytest.approx(5e-4)
+    assert lr_of[id(model.tok_emb.weight)] == pytest.approx(1e-3 * 0.5**5)
+    # Without decay: one learning rate, and the same decay split as before.
+    plain = make_optimizer(model, 1e-3, 0.01)
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}
+    assert sorted(g["weight_decay"] for g in plain.param_groups) == [0.0, 0.01]
+
+
+def test_a_second_stage_starts_from_the_first_with_its_head(
+    tiny_data: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    """A length curriculum: a run started from another run, head included, at a longer max_len."""
+    from model.config import ModelConfig
+    from model.train import train
+
+    first = load_checkpoint(tiny_run / "last")
+    tc = TrainConfig(
+        epochs=1, schedule_epochs=3, init=str(tiny_run), init_head=True, max_len=16, lr=0.0
+    )
+    summary = train(tiny_data, tmp_path / "stage2", ModelConfig(), tc, progress=False)
+    second = load_checkpoint(tmp_path / "stage2" / "last")
+    assert summary["model_config"]["n_max"] == first.cfg.n_max
+    # A zero learning rate leaves every weight, head included, as the first stage left it.
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
