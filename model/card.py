@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from model.card_sections import bootstrap_lines, bow_lines, origin, origin_lines, stage_lines
+
 
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
@@ -91,11 +93,19 @@ def render_card(artifact_dir: Path) -> str:
     parity = _load(artifact_dir / "parity.json")
     tc = training.get("train_config", {})
     machine = training.get("machine", {})
+    mc = training.get("model_config", {})
+    source = origin(training)
+    pooled = mc.get("projection") == "pooled"
     lines = [
         f"# {cfg.get('name', artifact_dir.name)}",
         "",
-        "A Linformer text classifier (Wang et al., 2020) for flagging unwanted mail, trained from "
-        "scratch on the SpamAssassin public mail corpus. Input: the Subject and the decoded body "
+        "A Linformer text classifier (Wang et al., 2020) for flagging unwanted mail, "
+        + (
+            f"fine-tuned from a published pre-trained encoder ({source['upstream'].split(' (')[0]})"
+            if source
+            else "trained from scratch"
+        )
+        + " on the SpamAssassin public mail corpus. Input: the Subject and the decoded body "
         "text of a message (HTML turned into text); routing headers are not used.",
         "",
         "## Model",
@@ -104,8 +114,13 @@ def render_card(artifact_dir: Path) -> str:
         f"when its probability >= **{cfg.get('threshold', float('nan')):.3f}**.",
         f"- Threshold rule: {cfg.get('threshold_rule', 'n/a')}.",
         f"- Sizes: d_model {cfg.get('d_model')}, {cfg.get('n_layers')} layers, {cfg.get('n_heads')} heads, "
-        f"d_ff {cfg.get('d_ff')}, vocabulary {cfg.get('vocab_size')} (byte-level BPE trained on the "
-        f"training split), n_max {cfg.get('n_max')} tokens, k {cfg.get('k')}, projection sharing "
+        f"d_ff {cfg.get('d_ff')}, vocabulary {cfg.get('vocab_size')} ("
+        + (
+            "the encoder's own WordPiece"
+            if source
+            else "byte-level BPE trained on the training split"
+        )
+        + f"), n_max {cfg.get('n_max')} tokens, k {cfg.get('k')}, projection sharing "
         f"`{cfg.get('sharing')}`; {training.get('parameters', 0) / 1e6:.2f}M parameters.",
         "- Padding invariance: pad rows of K and V are zeroed before the sequence projection at every "
         "layer, E/F are sliced to the batch length, pooling is "
@@ -114,11 +129,18 @@ def render_card(artifact_dir: Path) -> str:
             if training.get("model_config", {}).get("pooling") == "mean_max"
             else "a masked mean"
         )
-        + ", and the projection is "
-        "scaled by 1/sqrt(real length). A document's logits do not depend on its batch (tested to 1e-5). "
-        "Queries and projected keys are layer-normalised per head (QK-norm), which kept training stable.",
+        + (
+            ", and the projection pools each document's own tokens into k segments (one token "
+            "per slot up to k tokens, contiguous segments past that, weighted by their size). "
+            "Post-norm blocks, as in BERT."
+            if pooled
+            else ", and the projection is scaled by 1/sqrt(real length). Queries and projected keys "
+            "are layer-normalised per head (QK-norm), which kept training stable."
+        )
+        + " A document's logits do not depend on its batch (tested to 1e-5).",
         "- Longer input than n_max is refused by the model; the service chunks or truncates it.",
         "",
+        *origin_lines(source),
         "## Data",
         "",
         f"- Source: `{cfg.get('data', {}).get('source')}` (npm registry), MD5-verified; "
@@ -170,6 +192,7 @@ def render_card(artifact_dir: Path) -> str:
             "",
             _versus_baseline(m, metrics["baseline_tfidf_logreg"]),
             "",
+            *bootstrap_lines(metrics),
         ]
     if training:
         lines += [
@@ -209,7 +232,9 @@ def render_card(artifact_dir: Path) -> str:
                 if tc.get("token_dropout")
                 else []
             ),
-            *_pretraining_lines(training.get("pretraining")),
+            *stage_lines(training),
+            *bow_lines(training),
+            *([] if source else _pretraining_lines(training.get("pretraining"))),
             f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min"
             + (" of fine-tuning" if training.get("pretraining") else "")
             + f" on {machine.get('cpu')} "
@@ -268,7 +293,9 @@ def render_card(artifact_dir: Path) -> str:
         "## Reproduce",
         "",
         "```",
-        "make model   # linmod-data, linmod-train, linmod-eval, linmod-export, linmod-parity",
+        "make model-pretrained   # linmod-convert, two linmod-train stages, linmod-bow, eval, export, parity"
+        if source
+        else "make model   # linmod-data, linmod-train, linmod-eval, linmod-export, linmod-parity",
         "```",
         "",
     ]

@@ -19,7 +19,13 @@ from model.batching import predict_logits, softmax
 from model.card import write_card
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, code_version, load_checkpoint
 from model.data import DataError, Example, read_manifest, read_split
-from model.metrics import binary_report, choose_threshold, multiclass_report, threshold_rule
+from model.metrics import (
+    binary_report,
+    bootstrap_f1_difference,
+    choose_threshold,
+    multiclass_report,
+    threshold_rule,
+)
 from model.sa_baseline import CACHE_DIR as SA_CACHE_DIR
 from model.sa_baseline import SpamAssassinError, spamassassin_baseline
 from model.sa_baseline import summary as sa_summary
@@ -177,6 +183,9 @@ def evaluate(
             "aggregation": "max",
         },
         "baseline_tfidf_logreg": baseline,
+        "f1_difference_vs_tfidf": bootstrap_f1_difference(
+            scores["test"], threshold, b_test, b_threshold, truth["test"]
+        ),
         "baseline_spamassassin": sa_baseline,
         "multiclass": multiclass_report(probs["test"], y_test, labels),
         "validation": binary_report(

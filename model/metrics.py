@@ -133,3 +133,38 @@ def multiclass_report(probs: np.ndarray, y: np.ndarray, labels: list[str]) -> di
         "calibration_error": expected_calibration_error(probs.max(-1), pred == y),
         "confusion_matrix": confusion_matrix(y, pred, labels=range(len(labels))).tolist(),
     }
+
+
+def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
+    tp = float((pred & truth).sum())
+    denom = float(pred.sum() + truth.sum())
+    return 2 * tp / denom if denom else 0.0
+
+
+def bootstrap_f1_difference(
+    scores_a: np.ndarray,
+    threshold_a: float,
+    scores_b: np.ndarray,
+    threshold_b: float,
+    truth: np.ndarray,
+    n: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap over test documents of F1(a) - F1(b), each at its own fixed threshold.
+
+    Returns the observed difference and the 2.5th and 97.5th percentiles of the resampled ones.
+    """
+    truth = truth.astype(bool)
+    pred_a, pred_b = scores_a >= threshold_a, scores_b >= threshold_b
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, len(truth), len(truth))
+        diffs[i] = _f1(pred_a[idx], truth[idx]) - _f1(pred_b[idx], truth[idx])
+    return {
+        "difference": _f1(pred_a, truth) - _f1(pred_b, truth),
+        "ci95_low": float(np.percentile(diffs, 2.5)),
+        "ci95_high": float(np.percentile(diffs, 97.5)),
+        "share_above_zero": float((diffs > 0).mean()),
+        "resamples": n,
+    }

@@ -334,3 +334,17 @@ def test_a_second_stage_starts_from_the_first_with_its_head(
     # A zero learning rate leaves every weight, head included, as the first stage left it.
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_bootstrap_interval_of_the_f1_difference_brackets_it() -> None:
+    from model.metrics import bootstrap_f1_difference
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(400) < 0.3
+    good = np.where(truth, 0.9, 0.1) + rng.normal(0, 0.2, 400)
+    worse = np.where(truth, 0.7, 0.3) + rng.normal(0, 0.3, 400)
+    d = bootstrap_f1_difference(good, 0.5, worse, 0.5, truth, n=500)
+    assert d["ci95_low"] < d["difference"] < d["ci95_high"]
+    assert d["ci95_low"] > 0 and d["share_above_zero"] > 0.95
+    same = bootstrap_f1_difference(good, 0.5, good, 0.5, truth, n=50)
+    assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
