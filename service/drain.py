@@ -1,9 +1,10 @@
 """Graceful drain on SIGTERM, what keeps rolling updates invisible to clients:
 
 1. `/ready` answers 503 at once, so load balancers stop sending work here;
-2. after `drain_delay_s` (time for them to notice), new work (any API request but a GET) is
-   refused with 503, `Retry-After` and `Connection: close`, so a client or proxy retries it on
-   another replica;
+2. after `drain_delay_s` (time for them to notice), it stops listening, and new work on open
+   connections (any API request but a GET) is refused with 503, `Retry-After` and
+   `Connection: close`, so a client or proxy retries it on another replica; while draining,
+   every response closes its connection;
 3. the batch-jobs worker stops claiming and hands its lines back at once, so another replica
    takes them;
 4. requests in flight finish, for at most `drain_grace_s`;
@@ -19,6 +20,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -77,8 +79,10 @@ class InflightMiddleware:
                 state.idle.set()
 
 
-async def drain(state: ServiceState) -> None:
-    """Steps 1 to 4 above; returns when in-flight requests are done or the grace period ends."""
+async def drain(state: ServiceState, stop_listening: Callable[[], None] = lambda: None) -> None:
+    """Steps 1 to 4 above; returns when in-flight requests are done or the grace period ends.
+    `stop_listening` closes the listening sockets when new work is refused: a new connection
+    is then refused by the kernel (clearly never accepted) rather than taken and dropped."""
     s = state.settings
     began = time.monotonic()
     state.draining = True
@@ -86,6 +90,7 @@ async def drain(state: ServiceState) -> None:
     if s.drain_delay_s > 0:
         await asyncio.sleep(s.drain_delay_s)
     state.refusing = True
+    stop_listening()
     if state.jobs is not None:
         await state.jobs.drain()
     left = max(0.0, s.drain_grace_s - (time.monotonic() - began))
@@ -119,13 +124,17 @@ class DrainingServer(uvicorn.Server):
         log.info("signal received", extra={"signal": signal.Signals(sig).name})
         self._loop.call_soon_threadsafe(self._begin_drain)
 
+    def _stop_listening(self) -> None:
+        for server in self.servers:
+            server.close()  # open connections stay; they close after their next response
+
     def _begin_drain(self) -> None:
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain_then_exit(), name="linmod-drain")
 
     async def _drain_then_exit(self) -> None:
         try:
-            await drain(self.state)
+            await drain(self.state, self._stop_listening)
         finally:
             self.should_exit = True
 
