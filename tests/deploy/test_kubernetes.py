@@ -150,12 +150,16 @@ def test_probes_security_and_the_drain(rendered: dict[str, Path], overlay: str) 
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}} in pod["volumes"]
     assert {"cpu", "memory"} <= c["resources"]["requests"].keys() & c["resources"]["limits"].keys()
 
-    # The grace period covers the preStop pause, the HTTP drain and the hand-back of
-    # batch-job lines, each bounded by the service's shutdown timeout.
+    # The grace period covers the preStop pause, the drain (requests in flight finish) and the
+    # server's shutdown, each bounded by its setting.
     command = c["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    shutdown_s = float(env_of(c)["LINMOD_SHUTDOWN_TIMEOUT_S"]["value"])
-    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + 2 * shutdown_s
+    settings = Settings(
+        model_dir=Path("."),
+        **{k[len("LINMOD_") :].lower(): e["value"] for k, e in env_of(c).items() if "value" in e},
+    )
+    drain_s = settings.drain_delay_s + settings.drain_grace_s + settings.shutdown_timeout_s
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + drain_s
     assert manifests["Deployment"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
