@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import re
+import warnings
+
+from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
+from bs4.element import CData, NavigableString, PageElement, Tag
+
+# Mail text that looks like a URL or a file name is still mail text.
+warnings.filterwarnings("ignore", category=MarkupResemblesLocatorWarning)
 
 _BLOCK_TAGS = [
     "p",
@@ -30,7 +37,21 @@ _BLOCK_TAGS = [
 ]
 
 
+_BLOCKS = frozenset(_BLOCK_TAGS)
+_CELLS = frozenset({"td", "th"})
+_REMOVED = frozenset({"script", "style", "head", "meta"})  # with everything inside them
+_SPACE = re.compile(r"\s+")
+_TEXT_TYPES = (NavigableString, CData)  # exactly these: not comments, doctypes, scripts' text
 _LINK = re.compile(r"(https?://|ftp://|www\.)\S", re.IGNORECASE)
+
+
+class _Close:
+    """The end of an element, met after its contents; `start` counts the strings before them."""
+
+    __slots__ = ("start", "tag")
+
+    def __init__(self, tag: Tag, start: int) -> None:
+        self.tag, self.start = tag, start
 
 
 def html_to_text(html: str) -> str:
@@ -42,34 +63,46 @@ def html_to_text(html: str) -> str:
     as mail clients render HTML to plain text: where a message points and that it is pictures are
     part of what a reader sees.
     """
-    from bs4 import BeautifulSoup
-    from bs4.element import (
-        Comment,
-        Declaration,
-        Doctype,
-        NavigableString,
-        ProcessingInstruction,
-    )
-
+    # One walk over the parsed tree, with no edits to it: inserting a string beside each of n
+    # siblings costs O(n) apiece in BeautifulSoup, so a page of many paragraphs took minutes.
     soup = BeautifulSoup(html, "lxml")
-    for tag in soup(["script", "style", "head", "meta"]):
-        tag.decompose()
-    hidden = (Comment, Doctype, Declaration, ProcessingInstruction)
-    for node in soup.find_all(string=lambda s: isinstance(s, hidden)):
-        node.extract()
-    # Whitespace inside HTML text renders as one space (outside <pre>), as a browser shows it.
-    for node in soup.find_all(string=True):
-        if type(node) is NavigableString and node.parent is not None and node.parent.name != "pre":
-            node.replace_with(re.sub(r"\s+", " ", str(node)))
-    for a in soup.find_all("a", href=True):
-        href = str(a["href"]).strip()
-        if _LINK.match(href) and href not in a.get_text():
-            a.append(f" <{href}>")
-    for img in soup.find_all("img"):
-        alt = " ".join(str(img.get("alt") or "").split())
-        img.replace_with(f"[image: {alt}]" if alt else "[image]")
-    for tag in soup.find_all(_BLOCK_TAGS):
-        tag.insert_after("\n")
-    for tag in soup.find_all(["td", "th"]):
-        tag.insert_after(" ")
-    return soup.get_text()
+    out: list[str] = []
+    strings: list[str] = []  # the document's own text so far: what a link's text is made of
+    stack: list[PageElement | _Close] = list(reversed(soup.contents))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _Close):
+            out.extend(_after(node.tag, strings, node.start))
+        elif isinstance(node, Tag):
+            if node.name in _REMOVED:
+                continue
+            if node.name == "img":
+                alt = " ".join(str(node.get("alt") or "").split())
+                out.append(f"[image: {alt}]" if alt else "[image]")
+                continue
+            stack.append(_Close(node, len(strings)))
+            stack.extend(reversed(node.contents))
+        elif type(node) in _TEXT_TYPES:
+            text = str(node)
+            # Whitespace inside HTML text renders as one space (outside <pre>), as a browser shows it.
+            parent = node.parent
+            if type(node) is NavigableString and parent is not None and parent.name != "pre":
+                text = _SPACE.sub(" ", text)
+            out.append(text)
+            strings.append(text)
+    return "".join(out)
+
+
+def _after(tag: Tag, strings: list[str], start: int) -> list[str]:
+    """What follows an element's contents: a link's target, a line end, a cell's space."""
+    after = []
+    href = tag.get("href") if tag.name == "a" else None
+    if href is not None:
+        target = str(href).strip()
+        if _LINK.match(target) and target not in "".join(strings[start:]):
+            after.append(f" <{target}>")
+    if tag.name in _BLOCKS:
+        after.append("\n")
+    elif tag.name in _CELLS:
+        after.append(" ")
+    return after

@@ -26,6 +26,7 @@ def mail_limits(settings: Settings) -> MailLimits:
         max_parts=settings.mail_max_parts,
         max_depth=settings.mail_max_depth,
         max_decoded_bytes=settings.mail_max_decoded_bytes,
+        max_html_tags=settings.mail_max_html_tags,
         max_control_ratio=MAX_CONTROL_RATIO,
     )
 

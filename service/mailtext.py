@@ -17,7 +17,7 @@ from service.htmltext import html_to_text
 
 # Undeclared 8-bit mail of that era is mostly Windows-1252, not UTF-8.
 FALLBACK_CHARSET = "cp1252"
-_TOO_LARGE = {"too_many_parts", "too_deep", "too_many_bytes"}
+_TOO_LARGE = {"too_many_parts", "too_deep", "too_many_bytes", "too_many_tags"}
 # Control bytes other than tab, line feed, form feed and carriage return.
 _CONTROL = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
 _DEFECTS = {
@@ -42,6 +42,7 @@ class MailLimits:
     max_parts: int | None = None
     max_depth: int | None = None
     max_decoded_bytes: int | None = None
+    max_html_tags: int | None = None  # parsing HTML costs about the same per element
     max_control_ratio: float | None = None
 
 
@@ -204,6 +205,13 @@ def _subject(msg: Message) -> str:
     return " ".join(subject.split())
 
 
+def _html(html: str, limits: MailLimits) -> str:
+    cap = limits.max_html_tags
+    if cap is not None and html.count("<") > cap:
+        raise MessageError("too_many_tags", f"an HTML part has more than {cap} tags")
+    return html_to_text(html)
+
+
 def _check_shape(msg: Message, limits: MailLimits) -> None:
     # Iterative, so a deeply nested message cannot exhaust the stack before it is refused.
     stack: list[tuple[Message, int]] = [(msg, 0)]
@@ -261,7 +269,7 @@ def extract_message(
         _check_shape(msg, limits)
         walk = _Walk(msg, limits)
         body = [
-            html_to_text(text) if ctype == "text/html" else text
+            _html(text, limits) if ctype == "text/html" else text
             for ctype, text in _text_parts(msg, walk)
         ]
         subject = _subject(msg)
@@ -289,7 +297,7 @@ def extract_html(html: str, limits: MailLimits = UNLIMITED) -> Extraction:
     if limits.max_decoded_bytes is not None and size > limits.max_decoded_bytes:
         raise MessageError("too_many_bytes", f"the HTML is over {limits.max_decoded_bytes} bytes")
     try:
-        text = clean_text(html_to_text(html))
+        text = clean_text(_html(html, limits))
     except RecursionError as exc:
         raise MessageError("too_deep", "HTML elements nested too deeply to parse") from exc
     return Extraction(text, "", [MimePart(0, "text/html", "utf-8", size)])

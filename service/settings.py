@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     mail_max_decoded_bytes: int = Field(
         2 * 1024 * 1024, ge=1, description="bytes one message's text parts decode to (then 413)"
     )
+    mail_max_html_tags: int = Field(
+        20_000, ge=1, description="tags per HTML input or part (then 413)"
+    )
 
     # HTTP and operations
     api_keys: Annotated[list[str], NoDecode] = Field(

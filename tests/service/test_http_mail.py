@@ -163,6 +163,7 @@ BAD_MAIL = [
         "too_many_bytes",
         "decode to more than 10000 bytes",
     ),
+    (MIMEText("<p>x</p>" * 300, "html").as_bytes(), 413, "too_many_tags", "more than 500 tags"),
     (bytes(range(256)) * 8, 422, "binary", "binary data"),
     (_image_only(), 422, "no_text_part", "no text part to classify (its parts: image/png)"),
     (
@@ -185,8 +186,9 @@ async def test_limits_and_bad_mail_are_clear_4xx_and_the_server_keeps_serving(
     fragment: str,
 ) -> None:
     settings = make_settings(
-        fake_artifact, mail_max_parts=20, mail_max_depth=5, mail_max_decoded_bytes=10_000
-    )
+        fake_artifact, mail_max_parts=20, mail_max_depth=5, mail_max_decoded_bytes=10_000,
+        mail_max_html_tags=500,
+    )  # fmt: skip
     async with serving(create_app(settings, engine=FakeEngine(model_config))) as client:
         as_mail = await client.post("/v1/classify", content=raw, headers=MAIL)
         assert as_mail.status_code == status, as_mail.text

@@ -11,6 +11,7 @@ from email.mime.text import MIMEText
 import pytest
 
 from model.corpus import read_corpus_tarball
+from service.htmltext import html_to_text
 from service.mailtext import (
     MailLimits,
     MessageError,
@@ -21,7 +22,7 @@ from service.mailtext import (
 from tests.conftest import FIXTURES, SAMPLE_TARBALL
 
 SERVICE_LIMITS = MailLimits(
-    max_parts=20, max_depth=5, max_decoded_bytes=10_000, max_control_ratio=0.1
+    max_parts=20, max_depth=5, max_decoded_bytes=10_000, max_html_tags=500, max_control_ratio=0.1
 )
 
 
@@ -231,3 +232,27 @@ def test_html_input_reads_as_a_text_html_mail_body_does() -> None:
     with pytest.raises(MessageError) as info:
         extract_html("<p>x</p>" * 5000, SERVICE_LIMITS)
     assert info.value.code == "too_many_bytes"
+
+
+def test_html_structure_reads_as_a_mail_client_renders_it() -> None:
+    html = (
+        "<table><tr><td>a</td><th>b</th></tr></table><pre>  kept   as\n is</pre>"
+        '<a href="http://x.example"><a href="http://y.example">inner</a> outer</a>'
+        "<template>hidden template</template><ul><li>one<li>two</ul>"
+    )
+    # Cells end in a space, rows and tables in a line; <pre> keeps its spaces; lxml closes a link
+    # that another opens inside; template text is not shown.
+    assert html_to_text(html) == (
+        "a b \n\n  kept   as\n is\n <http://x.example>inner <http://y.example> outerone\ntwo\n\n"
+    )
+
+
+def test_many_html_tags_are_refused_before_parsing() -> None:
+    page = "<p>x</p>" * 300  # 600 tags
+    with pytest.raises(MessageError, match="more than 500 tags") as info:
+        extract_html(page, SERVICE_LIMITS)
+    assert info.value.code == "too_many_tags" and info.value.too_large
+    mail = MIMEText(page, "html", "utf-8").as_bytes()
+    with pytest.raises(MessageError, match="more than 500 tags"):
+        extract_message(mail, SERVICE_LIMITS)
+    assert extract_message(mail).text == "\n".join(["x"] * 300)  # training: no limits
