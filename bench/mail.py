@@ -132,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     quality = markdown_table(
         ["input over HTTP", "spam F1", "accuracy", "hard ham flagged"],
         [
-            ["raw RFC 822 source (message/rfc822)", f_raw, acc_raw, f"{hard_raw}/{n_hard}"],
-            ["extracted text (JSON)", f_text, acc_text, f"{hard_text}/{n_hard}"],
-            ["model card (chunked, max)", card, "", ""],
+            [
+                "raw RFC 822 source (message/rfc822)",
+                f"{f_raw:.4f}",
+                f"{acc_raw:.4f}",
+                f"{hard_raw}/{n_hard}",
+            ],
+            ["extracted text (JSON)", f"{f_text:.4f}", f"{acc_text:.4f}", f"{hard_text}/{n_hard}"],
+            ["model card (chunked, max)", f"{card:.4f}", "", ""],
         ],
     )
     print(equal, "\n\n", quality, sep="")
