@@ -28,6 +28,10 @@ INPUTS = ("input_ids", "attention_mask")
 # Kept in fp32 in the fp16 graph: normalisation, softmax and the reductions of the masked mean
 # would lose range or precision in half precision over thousands of tokens.
 FP16_KEEP_FP32 = [
+    # The bag-of-words counts: ONNX Runtime's CPU scatter-add has no fp16 kernel.
+    "ScatterElements",
+    "Log",
+    "ReduceL2",
     "LayerNormalization",
     "Softmax",
     "ReduceSum",
@@ -166,12 +170,18 @@ def ort_optimize(src: Path, dst: Path) -> None:
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
-    """MatMul/Gemm nodes with a constant (weight) operand; attention's activation products stay fp32."""
+    """MatMul/Gemm nodes with a constant (weight) operand; attention's activation products stay fp32.
+
+    The bag-of-words layer stays fp32 too: its input is a sparse TF-IDF vector of small values
+    that one uint8 scale per tensor would flatten, and it costs little.
+    """
     init = {i.name for i in model.graph.initializer}
     return [
         n.name
         for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and any(i in init for i in n.input)
+        if n.op_type in ("MatMul", "Gemm")
+        and any(i in init for i in n.input)
+        and not any(i.startswith("bow.") for i in n.input)
     ]
 
 
@@ -290,6 +300,8 @@ def convert_fp16(src: Path, dst: Path) -> None:
     # Casts stay as they are: the converter retypes a Cast's output without changing its `to`,
     # which makes an invalid graph when the Cast feeds fp32-only nodes (the length reciprocal).
     casts = [n.name for n in m.graph.node if n.op_type == "Cast"]
+    # The bag-of-words layer reads a sparse TF-IDF vector of small values: fp32 throughout.
+    casts += [n.name for n in m.graph.node if any(i.startswith("bow.") for i in n.input)]
     # The converter warns once per weight too small for fp16 (clamped to +-1e-7): one line
     # with the count says the same.
     with warnings.catch_warnings(record=True) as caught:

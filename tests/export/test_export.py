@@ -190,3 +190,41 @@ def test_fp16_of_a_freshly_initialised_model_loads(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
     np.testing.assert_allclose(sess.run(["logits"], feed)[0], ref.numpy(), atol=1e-2)
+
+
+@pytest.mark.slow
+def test_converted_layout_with_bag_of_words_exports_and_matches(tmp_path: Path) -> None:
+    """Post-norm, pooled projection and the TF-IDF branch: ONNX Runtime gives PyTorch's logits,
+    and int8 leaves the bag-of-words layer in fp32."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_fp32, ort_optimize, quantize_int8
+    from model.batching import collate
+    from model.config import ModelConfig
+    from model.linformer import LinformerClassifier
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=97, n_max=48, d_model=32, n_layers=2, n_heads=4, d_ff=48, k=8, dropout=0.0,
+        norm="post", projection="pooled", qk_norm=False, bow=True,
+    )  # fmt: skip
+    model = LinformerClassifier(cfg).eval()
+    assert model.bow is not None
+    model.bow.idf.copy_(torch.rand(97))
+    model.bow.weight.copy_(torch.randn(97, 2))
+    export_fp32(model, tmp_path / "raw.onnx", 18)
+    ort_optimize(tmp_path / "raw.onnx", tmp_path / "model.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for docs in ([[3, 4, 5]], [[3, 4, 5], [1] * 30], [list(range(1, 45))]):
+        ids, mask = collate(docs)
+        want = model(ids, mask).detach().numpy()
+        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        assert np.abs(want - got).max() < 1e-4
+    calibration = [list(range(1, 20)), [5, 6, 7, 8], list(range(30, 70))[:40]]
+    quantize_int8(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", calibration)
+    q = onnx.load(str(tmp_path / "model.int8.onnx"))
+    bow_inputs = [i for n in q.graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input]
+    assert "bow.weight" in bow_inputs  # the float weight itself, not a dequantized copy
