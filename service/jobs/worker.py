@@ -50,6 +50,7 @@ class JobWorker:
         self._flush = asyncio.Event()
         self._inflight: dict[LineKey, asyncio.Task[None]] = {}
         self._results: list[LineResult] = []
+        self._writing = 0  # results taken by the writer and not yet stored
         self._release: list[LineKey] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -216,7 +217,9 @@ class JobWorker:
     async def _claim(self, running: dict[str, str]) -> bool:
         assert self.db is not None and self.claims is not None and self._state is not None
         s = self.settings
-        room = 2 * s.job_claim_lines - len(self._inflight)
+        # Lines run but not yet written still hold their leases: claiming more while results
+        # pile up lets leases lapse and a drain overrun, so they count against the room too.
+        room = 2 * s.job_claim_lines - len(self._inflight) - len(self._results) - self._writing
         if not running or room < s.job_claim_lines or not self._state.ready or self._stopping:
             return False
         lines, spent = await self.db.run(
@@ -275,6 +278,7 @@ class JobWorker:
         assert self.db is not None and self.claims is not None and self._state is not None
         results, self._results = self._results, []
         release, self._release = self._release, []
+        self._writing = len(results)
         try:
             if results:
                 written = await self.db.run(self.claims.write_results, self.id, results)
@@ -293,6 +297,8 @@ class JobWorker:
         except BaseException:
             self._results[:0], self._release[:0] = results, release
             raise
+        finally:
+            self._writing = 0
         self._wake.set()  # a batch may have finished
 
     async def _heartbeat(self) -> None:

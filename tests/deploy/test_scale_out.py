@@ -169,14 +169,6 @@ def poll_batch(url: str, batch_id: str) -> dict[str, Any]:
     return batch
 
 
-# Until the batch-job worker stops claiming while its results wait to be written: without
-# that, on a loaded machine each replica claims thousands of lines it has run but not yet
-# written (one UPDATE each), its SIGTERM drain overruns writing them, and the killed replica's
-# thousands of lines are not all taken over within a lease. docs/deployment.md has both runs.
-@pytest.mark.xfail(
-    reason="the batch-job worker claims new lines while earlier results wait to be written",
-    strict=False,
-)
 def test_replicas_survive_a_kill_and_a_rolling_restart_under_load(
     tiny_artifact: Path, tmp_path: Path, database_url: str
 ) -> None:
