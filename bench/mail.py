@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         provider = "as configured on " + args.url
     else:
         port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="bench-mail-"))
-        cmd = service_command(args.model_dir, port, args.precision, tmp / "jobs.db", "--no-jobs")
+        cmd = service_command(
+            args.model_dir, port, args.precision, tmp / "jobs.db", "--no-jobs",
+            "--request-timeout-s", "600",  # a loaded machine must not turn into 504s
+        )  # fmt: skip
         with ServerProcess(cmd, f"http://127.0.0.1:{port}", tmp / "server.log") as server:
             info = httpx.get(f"{server.url}/info", timeout=10).json()["runtime"]
             provider = f"{info['provider']} {info['precision']}"
