@@ -85,7 +85,7 @@ def test_sigterm_under_load_loses_nothing(tiny_artifact: Path, tmp_path: Path) -
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     # A long lease: if the drained replica did not hand its lines back, the batch would stall.
     flags = ("--job-lease-s", "300", "--job-poll-s", "0.05", "--job-claim-lines", "16",
-             "--drain-grace-s", "20", "--drain-delay-s", "1.5")  # fmt: skip
+             "--drain-grace-s", "20", "--drain-delay-s", "3")  # fmt: skip
     a = JobServer(tiny_artifact, tmp_path / "a.log", url, *flags)
     b = JobServer(tiny_artifact, tmp_path / "b.log", url, *flags)
     try:
@@ -126,8 +126,11 @@ def test_sigterm_under_load_loses_nothing(tiny_artifact: Path, tmp_path: Path) -
         a.proc.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{a.url}/ready", timeout=5)
         assert ready.status_code == 503, ready.text
-        exit_code = a.proc.wait(timeout=60)
+        # The clients now act as a load balancer does on a failed readiness check: no new
+        # requests to this replica (the drain delay is that window). Requests already sent,
+        # queued or running, must all be answered before the process exits.
         stop.set()
+        exit_code = a.proc.wait(timeout=60)
         for t in threads:
             t.join()
         held_after_exit = lines_held(url, a.proc.pid)
