@@ -22,7 +22,7 @@ from model.linformer import LinformerClassifier
 from model.tokenizer import encode, load_tokenizer
 
 # Candidate weights of the bag-of-words logits against the encoder's, chosen on validation.
-MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def fit_bow(
