@@ -1,4 +1,4 @@
-"""What every benchmark shares: arguments, the machine's description, tables, CSV, plots,
+"""What every benchmark shares: arguments, the machine line, tables, CSV, plots,
 percentiles, peak-memory probes and the markdown fragment each script leaves for RESULTS.md.
 """
 
@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import os
-import platform
 import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from model.machine import describe as machine
+from model.machine import proc_fields
+from service.artifact import CONFIG_FILE, TOKENIZER_FILE, ArtifactConfig
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -61,40 +62,6 @@ def command_line(module: str, argv: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------- the machine
 
 
-def _proc_fields(path: str) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return fields
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, memory and int8 instructions from /proc; the load at this moment."""
-    cpu = _proc_fields("/proc/cpuinfo")
-    mem = _proc_fields("/proc/meminfo")
-    flags = set(cpu.get("flags", "").split())
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = (math.nan, math.nan, math.nan)
-    return {
-        "cpu": cpu.get("model name", platform.processor() or "unknown"),
-        "logical_cpus": os.cpu_count() or 0,
-        "cores_per_socket": int(cpu.get("cpu cores", "0") or 0),
-        "memory_gib": round(int(mem.get("MemTotal", "0 kB").split()[0]) / 2**20, 1),
-        "available_gib": round(int(mem.get("MemAvailable", "0 kB").split()[0]) / 2**20, 1),
-        "int8_dot": sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) or ["none"],
-        "load_1min": round(load[0], 2),
-        "python": platform.python_version(),
-    }
-
-
 def machine_line(m: dict[str, Any]) -> str:
     return (
         f"{m['cpu']}, {m['logical_cpus']} logical CPUs ({m['cores_per_socket']} cores per "
@@ -119,7 +86,7 @@ def versions(*modules: str) -> str:
 
 def memory_kib() -> tuple[int, int]:
     """(VmRSS, VmHWM) of this process in KiB."""
-    status = _proc_fields("/proc/self/status")
+    status = proc_fields("/proc/self/status")
     return int(status["VmRSS"].split()[0]), int(status["VmHWM"].split()[0])
 
 
@@ -208,13 +175,14 @@ def pyplot() -> Any:
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
+    """The artifact's config.json as a dict; exits with advice where there is none."""
+    path = model_dir / CONFIG_FILE
     if not path.exists():
         raise SystemExit(
             f"{path} does not exist: pass --model-dir with a model artifact "
             "(python -m bench.random_artifact builds a random-weight one)"
         )
-    return dict(json.loads(path.read_text()))
+    return ArtifactConfig.from_dir(model_dir).model_dump()
 
 
 def load_test_split(data: Path, count: int = 0, seed: int = 0) -> list[Any]:
@@ -234,7 +202,7 @@ def encode(model_dir: Path, texts: Sequence[str]) -> list[list[int]]:
     """Token ids as the service computes them: the artifact's tokenizer, no special tokens."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
     tok.no_truncation()
     tok.no_padding()
     return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -37,13 +37,12 @@ from bench.peak import gemm_peaks, split_peaks
 from bench.runners import (
     Runner,
     batches,
-    flag_scores,
     flops_per_token,
     offline_docs_per_s,
     ort_runner,
-    pad,
     torch_runner,
 )
+from service.artifact import MODEL_FILES, flag_scores, pad_batch, softmax
 
 # (engine, precision, batched): PyTorch runs the checkpoint, the others the artifact's ONNX files.
 ENGINES = [
@@ -94,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, results = [], {}
     for name, precision, batched in ENGINES:
         unmeasured = [name, *[float("nan")] * 6]
-        if precision == "fp16" and not (args.model_dir / "model.fp16.onnx").exists():
-            rows.append([*unmeasured, "skipped: no model.fp16.onnx"])
+        if precision == "fp16" and not (args.model_dir / MODEL_FILES["fp16"]).exists():
+            rows.append([*unmeasured, f"skipped: no {MODEL_FILES['fp16']}"])
             continue
         try:
             run = make_runner(name, precision, args.model_dir, args.threads)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>42}  skipped (no CUDA device in use)")
             continue
         rate, logits, padded, secs = offline_docs_per_s(run, seqs, pad_id, passes, batched)
-        f1 = f1_score(list(flag_scores(logits, labels, flag_labels)), truth, threshold)
+        f1 = f1_score(list(flag_scores(softmax(logits), labels, flag_labels)), truth, threshold)
         gflops = padded * fpt / secs / 1e9
         peak = int8_peak if precision == "int8" else fp32_peak
         results[name] = {"docs_per_s": rate, "f1": f1}
@@ -128,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         del run
 
     plan = batches(seqs)
-    sample = [pad([seqs[i] for i in idx], pad_id) for idx in plan[:: 8 if args.quick else 2]]
+    sample = [pad_batch([seqs[i] for i in idx], pad_id) for idx in plan[:: 8 if args.quick else 2]]
     prof_rows = [
         [precision, *op]
-        for precision, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx"))
-        for op in profile_ops(args.model_dir / file, sample, args.threads)
+        for precision in ("fp32", "int8")
+        for op in profile_ops(args.model_dir / MODEL_FILES[precision], sample, args.threads)
     ]
     headers = [
         "engine",

@@ -25,7 +25,8 @@ from bench.common import (
     write_csv,
     write_fragment,
 )
-from bench.runners import flag_scores, offline_docs_per_s, ort_runner
+from bench.runners import offline_docs_per_s, ort_runner
+from service.artifact import CONFIG_FILE, flag_scores, softmax
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "model" / "artifacts"
 PRECISIONS = ("fp32", "int8")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, help="timed passes (default 1 quick, 3 otherwise)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
-    models = args.models or sorted(d for d in ARTIFACTS.iterdir() if (d / "config.json").exists())
+    models = args.models or sorted(d for d in ARTIFACTS.iterdir() if (d / CONFIG_FILE).exists())
     docs = args.docs if args.docs is not None else (300 if args.quick else 0)
     passes = args.passes or (1 if args.quick else 3)
     started, out = machine(), out_dir(args)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = ort_runner(model_dir, precision, args.threads)
                 assert run is not None
                 rate, logits, _, _ = offline_docs_per_s(run, seqs, pad_id, passes, batched)
-                scores = flag_scores(logits, cfg["labels"], cfg["flag_labels"])
+                scores = flag_scores(softmax(logits), cfg["labels"], cfg["flag_labels"])
                 f1 = f1_score(list(scores), truth, float(cfg["threshold"]))
                 key = (precision, batched)
                 reference.setdefault(key, rate)

@@ -8,17 +8,22 @@ No queue, no batching, no limits: what one writes first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI
 from pydantic import BaseModel
 
 from bench.common import DEFAULT_MODEL_DIR
-
-MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+from service.artifact import (
+    INPUT_NAMES,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    TOKENIZER_FILE,
+    ArtifactConfig,
+    pad_batch,
+    softmax,
+)
 
 
 class NaiveRequest(BaseModel):
@@ -31,11 +36,10 @@ def create_app(model_dir: Path, precision: str = "int8", threads: int = 0) -> Fa
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    config = json.loads((model_dir / "config.json").read_text())
-    n_max, pad_id, threshold = config["n_max"], config.get("pad_id", 0), config["threshold"]
-    labels = config["labels"]
-    flags = [labels.index(label) for label in config["flag_labels"]]
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config = ArtifactConfig.from_dir(model_dir)
+    n_max, pad_id, threshold = config.n_max, config.pad_id, config.threshold
+    labels, flags = config.labels, config.flag_indices
+    tok = Tokenizer.from_file(str(model_dir / TOKENIZER_FILE))
     tok.no_truncation()
     tok.no_padding()
     so = ort.SessionOptions()
@@ -57,12 +61,11 @@ def create_app(model_dir: Path, precision: str = "int8", threads: int = 0) -> Fa
         results = []
         for text in texts:
             full = tok.encode(text, add_special_tokens=False).ids
-            ids = np.asarray([full[:n_max] or [pad_id]], dtype=np.int64)
-            (logits,) = sess.run(
-                ["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+            feeds = dict(
+                zip(INPUT_NAMES, pad_batch([full[:n_max] or [pad_id]], pad_id), strict=True)
             )
-            z = np.exp(logits[0] - logits[0].max())
-            probs = z / z.sum()
+            (logits,) = sess.run([OUTPUT_NAME], feeds)
+            probs = softmax(logits)[0]
             best = int(probs.argmax())
             results.append(
                 {

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from service.artifact import INPUT_NAMES, OUTPUT_NAME
+
 
 def op_totals(events: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Microseconds per operator type from ONNX Runtime profile events (kernel times only)."""
@@ -36,7 +38,7 @@ def profile_ops(
         so.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         for ids, mask in batches:
-            sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})
+            sess.run([OUTPUT_NAME], dict(zip(INPUT_NAMES, (ids, mask), strict=True)))
         events = json.loads(Path(sess.end_profiling()).read_text())
     totals = op_totals(events)
     whole = sum(totals.values()) or 1.0

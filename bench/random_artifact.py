@@ -8,13 +8,12 @@ the service's format, and ONNX files from the project's own export code.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from bench.common import DEFAULT_DATA_DIR
-from model.evaluate import CONFIG_MODEL_KEYS as CONFIG_KEYS
+from service.artifact import MODEL_KEYS, TOKENIZER_FILE, ArtifactConfig, ship
 
 
 def build(
@@ -39,7 +38,7 @@ def build(
 
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer((e.text for e in read_split(data, "train")), vocab_size=vocab_size)
-    tok.save(str(out / "tokenizer.json"))
+    tok.save(str(out / TOKENIZER_FILE))
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), n_max=n_max, k=k, dropout=0.0)
     model = LinformerClassifier(cfg).eval()
@@ -49,19 +48,19 @@ def build(
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
     save_checkpoint(model, out)
-    config = {
-        "name": out.name,
-        "version": time.strftime("%Y.%m.%d"),
-        "architecture": "linformer",
-        "labels": cfg.labels,
-        "flag_labels": ["spam"],
-        "threshold": 0.5,
-        "threshold_rule": "fixed 0.5 (random weights, not a trained model)",
-        **{key: getattr(cfg, key) for key in CONFIG_KEYS},
-        "data": {"source": "random weights", "sha256": None},
-        "code_version": code_version(),
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = ArtifactConfig(
+        name=out.name,
+        version=time.strftime("%Y.%m.%d"),
+        architecture="linformer",
+        labels=cfg.labels,
+        flag_labels=["spam"],
+        threshold=0.5,
+        threshold_rule="fixed 0.5 (random weights, not a trained model)",
+        **{key: getattr(cfg, key) for key in MODEL_KEYS},
+        data={"source": "random weights", "sha256": None},
+        code_version=code_version(),
+    )
+    ship(out, out / TOKENIZER_FILE, out, config)
     export_artifact(out, calibration_data=data, calibration_docs=calibration_docs, fp16=fp16)
     return out
 

@@ -26,6 +26,7 @@ from bench.common import (
     machine_line,
     markdown_table,
 )
+from service.artifact import CONFIG_FILE
 
 BENCHMARKS = {
     "attention": "Linformer vs full attention, batch 1, n = 512 ... 32,768",
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     fragments = QUICK_DIR if args.quick else RESULTS_DIR
     dest = fragments / "RESULTS.md" if args.quick else BENCH_DIR / "RESULTS.md"
-    if not args.assemble_only and not (args.model_dir / "config.json").exists():
+    if not args.assemble_only and not (args.model_dir / CONFIG_FILE).exists():
         print(
             f"bench.run_all: {args.model_dir} holds no model artifact; pass --model-dir "
             "(python -m bench.random_artifact --out DIR builds a random-weight one)",

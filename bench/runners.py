@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.artifact import INPUT_NAMES, MODEL_FILES, OUTPUT_NAME, pad_batch
+
 MAX_TOKENS, MAX_BATCH = 16384, 32  # the service's default batch limits
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -34,15 +36,6 @@ def batches(seqs: Sequence[Sequence[int]]) -> list[list[int]]:
     return length_batches([len(s) for s in seqs], MAX_TOKENS, MAX_BATCH)
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    return ids, mask
-
-
 def run_all(
     run: Runner, seqs: Sequence[Sequence[int]], pad_id: int, plan: list[list[int]]
 ) -> tuple[np.ndarray, float, int]:
@@ -50,7 +43,7 @@ def run_all(
     out: np.ndarray | None = None
     seconds, padded = 0.0, 0
     for idx in plan:
-        ids, mask = pad([seqs[i] for i in idx], pad_id)
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
         t0 = time.perf_counter()
         logits = run(ids, mask)
         seconds += time.perf_counter() - t0
@@ -68,20 +61,20 @@ def ort_runner(model_dir: Path, precision: str, threads: int, cuda: bool = False
 
     # Without CUDA libraries the provider logs an error and falls back; the caller reports that.
     ort.set_default_logger_severity(4 if cuda else 3)
-    name = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}[precision]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
     sess = ort.InferenceSession(
-        str(model_dir / name), so, providers=providers or ["CPUExecutionProvider"]
+        str(model_dir / MODEL_FILES[precision]), so, providers=providers or ["CPUExecutionProvider"]
     )
     ort.set_default_logger_severity(3)
     if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         return None
 
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return np.asarray(sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0])
+        feeds = dict(zip(INPUT_NAMES, (ids, mask), strict=True))
+        return np.asarray(sess.run([OUTPUT_NAME], feeds)[0])
 
     return run
 
@@ -116,9 +109,3 @@ def offline_docs_per_s(
         rates.append(len(seqs) / seconds)
         secs.append(seconds)
     return statistics.median(rates), logits, padded, statistics.median(secs)
-
-
-def flag_scores(logits: np.ndarray, labels: list[str], flag_labels: list[str]) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = z / z.sum(axis=1, keepdims=True)
-    return probs[:, [labels.index(f) for f in flag_labels]].max(axis=1)

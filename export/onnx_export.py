@@ -22,9 +22,20 @@ import torch
 from model.card import write_card
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint
 from model.linformer import LinformerClassifier
+from service.artifact import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    INPUT_NAMES,
+    METRICS_FILE,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    TOKENIZER_FILE,
+    ArtifactConfig,
+    ArtifactError,
+    pad_batch,
+)
 
 DEFAULT_OPSET = 20
-INPUTS = ("input_ids", "attention_mask")
 # Kept in fp32 in the fp16 graph: normalisation, softmax and the reductions of the masked mean
 # would lose range or precision in half precision over thousands of tokens.
 FP16_KEEP_FP32 = [
@@ -51,7 +62,7 @@ class ExportError(Exception):
 
 def check_artifact_inputs(artifact_dir: Path, ckpt_dir: Path) -> LinformerClassifier:
     """Load the checkpoint and check the tokenizer and service config agree with it."""
-    for f in ("tokenizer.json", "config.json"):
+    for f in (TOKENIZER_FILE, CONFIG_FILE):
         if not (artifact_dir / f).exists():
             raise ExportError(
                 f"{artifact_dir / f} does not exist; run linmod-eval to write the artifact first"
@@ -61,25 +72,25 @@ def check_artifact_inputs(artifact_dir: Path, ckpt_dir: Path) -> LinformerClassi
     except CheckpointError as e:
         raise ExportError(str(e)) from e
     try:
-        cfg = json.loads((artifact_dir / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{artifact_dir / 'config.json'} is not valid JSON: {e}") from e
+        cfg = ArtifactConfig.from_dir(artifact_dir)
+    except ArtifactError as e:
+        raise ExportError(str(e)) from e
     mc = model.cfg
     for key in ("n_max", "labels", "vocab_size", "k", "pad_id"):
         if cfg.get(key) != getattr(mc, key):
             raise ExportError(
-                f"config.json says {key}={cfg.get(key)!r} but the checkpoint has {getattr(mc, key)!r}; "
+                f"{CONFIG_FILE} says {key}={cfg.get(key)!r} but the checkpoint has {getattr(mc, key)!r}; "
                 "the config and checkpoint come from different runs"
             )
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(artifact_dir / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(artifact_dir / TOKENIZER_FILE))
     except Exception as e:  # tokenizers raises a bare Exception for unreadable files
-        raise ExportError(f"cannot read {artifact_dir / 'tokenizer.json'}: {e}") from e
+        raise ExportError(f"cannot read {artifact_dir / TOKENIZER_FILE}: {e}") from e
     if tok.get_vocab_size() != mc.vocab_size:
         raise ExportError(
-            f"tokenizer.json has {tok.get_vocab_size()} tokens but the model embeds {mc.vocab_size}; "
+            f"{TOKENIZER_FILE} has {tok.get_vocab_size()} tokens but the model embeds {mc.vocab_size}; "
             "they come from different runs"
         )
     return model
@@ -121,8 +132,8 @@ def export_fp32(model: LinformerClassifier, out: Path, opset: int) -> None:
             str(out),
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUTS),
-            output_names=["logits"],
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
             dynamic_shapes=dyn,
             optimize=True,
             verbose=False,
@@ -235,8 +246,7 @@ def quantize_int8(
                 doc = next(self.docs, None)
                 if doc is None:
                     return None
-                ids = np.asarray([doc], dtype=np.int64)
-                return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+                return dict(zip(INPUT_NAMES, pad_batch([doc], pad_id), strict=True))
 
         q.quantize_static(
             str(pre),
@@ -266,7 +276,7 @@ def calibration_documents(
     except DataError as e:
         raise ExportError(f"calibration data: {e}") from e
     sample = random.Random(seed).sample(train, min(count, len(train)))
-    tok = load_tokenizer(artifact_dir / "tokenizer.json")
+    tok = load_tokenizer(artifact_dir / TOKENIZER_FILE)
     return [ids[:n_max] for ids in encode(tok, [e.text for e in sample]) if ids]
 
 
@@ -340,23 +350,24 @@ def export_artifact(
             artifact_dir, calibration_data, model.cfg.n_max, calibration_docs
         )
     files = []
+    fp32, int8 = MODEL_FILES["fp32"], MODEL_FILES["int8"]
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
         export_fp32(model, raw, opset)
-        ort_optimize(raw, artifact_dir / "model.onnx")
-    files.append(("model.onnx", "fp32"))
+        ort_optimize(raw, artifact_dir / fp32)
+    files.append((fp32, "fp32"))
     scheme = quantize_int8(
-        artifact_dir / "model.onnx",
-        artifact_dir / "model.int8.onnx",
+        artifact_dir / fp32,
+        artifact_dir / int8,
         calibration,
         model.cfg.pad_id,
         calibration_method,
     )
-    files.append(("model.int8.onnx", scheme))
+    files.append((int8, scheme))
     if fp16:
-        convert_fp16(artifact_dir / "model.onnx", artifact_dir / "model.fp16.onnx")
-        files.append(("model.fp16.onnx", "fp16 (normalisation, softmax, reductions in fp32)"))
+        convert_fp16(artifact_dir / fp32, artifact_dir / MODEL_FILES["fp16"])
+        files.append((MODEL_FILES["fp16"], "fp16 (normalisation, softmax, reductions in fp32)"))
     record = {
         "checkpoint": WEIGHTS if ckpt == artifact_dir else str(ckpt / WEIGHTS),
         "opset": opset,
@@ -369,8 +380,8 @@ def export_artifact(
             for f, p in files
         ],
     }
-    (artifact_dir / "export.json").write_text(json.dumps(record, indent=2) + "\n")
-    if (artifact_dir / "metrics.json").exists():
+    (artifact_dir / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if (artifact_dir / METRICS_FILE).exists():
         write_card(artifact_dir)
     return record
 

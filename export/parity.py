@@ -22,12 +22,25 @@ import numpy as np
 import onnxruntime as ort
 
 from export.onnx_export import ExportError, check_artifact_inputs
-from model.batching import length_batches, predict_logits, softmax
+from model.batching import length_batches, predict_logits
 from model.data import DataError, read_split
-from model.evaluate import flag_scores
 from model.linformer import LinformerClassifier
+from model.machine import machine_info
 from model.metrics import binary_report
 from model.tokenizer import encode, load_tokenizer
+from service.artifact import (
+    INPUT_NAMES,
+    METRICS_FILE,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    PARITY_FILE,
+    TOKENIZER_FILE,
+    ArtifactConfig,
+    ArtifactError,
+    flag_scores,
+    pad_batch,
+    softmax,
+)
 
 FP32_MAX_ABS = 1e-4
 INT8_MIN_AGREEMENT = 0.995
@@ -58,15 +71,11 @@ def session(
     return ort.InferenceSession(str(path), so, providers=list(providers))
 
 
-def pad_batch(
+def session_inputs(
     seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None
 ) -> dict[str, np.ndarray]:
-    T = length or max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    return {"input_ids": ids, "attention_mask": mask}
+    """A session's inputs for right-padded `seqs` (to `length`, or the longest)."""
+    return dict(zip(INPUT_NAMES, pad_batch(seqs, pad_id, length), strict=True))
 
 
 def onnx_logits(
@@ -78,7 +87,7 @@ def onnx_logits(
 ) -> np.ndarray:
     out: np.ndarray | None = None
     for idx in length_batches([len(s) for s in seqs], max_tokens, max_batch):
-        logits = sess.run(["logits"], pad_batch([seqs[i] for i in idx], pad_id))[0]
+        logits = sess.run([OUTPUT_NAME], session_inputs([seqs[i] for i in idx], pad_id))[0]
         if out is None:
             out = np.zeros((len(seqs), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
@@ -115,7 +124,7 @@ def check_fp32(
     # Mixed batches: every representative document together, padded to the longest.
     mixed = list(reps.values())
     torch_mixed = predict_logits(model, mixed, max_tokens=10**9, max_batch=len(mixed))
-    onnx_mixed = sess.run(["logits"], pad_batch(mixed, pad))[0]
+    onnx_mixed = sess.run([OUTPUT_NAME], session_inputs(mixed, pad))[0]
     details["mixed batch"] = float(np.abs(torch_mixed - onnx_mixed).max())
     worst = max(worst, details["mixed batch"])
     # The whole split: largest difference and whether any decision changes.
@@ -194,17 +203,17 @@ def check_invariance(
     for _ in range(cases):
         L = rng.randint(1, n_max - 1)
         doc = [rng.randrange(vocab) for _ in range(L)]
-        alone = sess.run(["logits"], pad_batch([doc], pad))[0][0]
+        alone = sess.run([OUTPUT_NAME], session_inputs([doc], pad))[0][0]
         others = [
             [rng.randrange(vocab) for _ in range(rng.randint(L, n_max))]
             for _ in range(rng.randint(1, 3))
         ]
-        batch = pad_batch([doc, *others], pad)
-        full = pad_batch([doc], pad, length=n_max)
+        batch = session_inputs([doc, *others], pad)
+        full = session_inputs([doc], pad, length=n_max)
         for feed in (batch, full):  # pad positions get arbitrary ids: they must not matter
             feed["input_ids"][feed["attention_mask"] == 0] = rng.randrange(vocab)
-        in_batch = sess.run(["logits"], batch)[0][0]
-        padded = sess.run(["logits"], full)[0][0]
+        in_batch = sess.run([OUTPUT_NAME], batch)[0][0]
+        padded = sess.run([OUTPUT_NAME], full)[0][0]
         worst = max(
             worst, float(np.abs(alone - in_batch).max()), float(np.abs(alone - padded).max())
         )
@@ -229,7 +238,7 @@ def check_dynamic(model: LinformerClassifier, sess: ort.InferenceSession, seed: 
         ]
         seqs[0] = seqs[0] + [1] * (T - len(seqs[0]))
         t = predict_logits(model, seqs, max_tokens=10**9, max_batch=B)
-        o = sess.run(["logits"], pad_batch(seqs, model.cfg.pad_id))[0]
+        o = sess.run([OUTPUT_NAME], session_inputs(seqs, model.cfg.pad_id))[0]
         worst = max(worst, float(np.abs(t - o).max()))
     return Check(
         "dynamic shapes",
@@ -244,13 +253,13 @@ def median_latency(
 ) -> dict[str, Any]:
     """Batch-1 latency of the median-length document, per precision."""
     doc = sorted(seqs, key=len)[len(seqs) // 2]
-    feed = pad_batch([doc], pad)
+    feed = session_inputs([doc], pad)
     out: dict[str, float] = {}
     for name, sess in sessions.items():
-        sess.run(["logits"], feed)
+        sess.run([OUTPUT_NAME], feed)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            sess.run(["logits"], feed)
+            sess.run([OUTPUT_NAME], feed)
         out[name] = 1000 * (time.perf_counter() - t0) / repeats
     return {"tokens": len(doc), "ms": out}
 
@@ -263,15 +272,19 @@ def run_parity(
     max_docs: int = 0,
 ) -> dict[str, Any]:
     model = check_artifact_inputs(artifact_dir, checkpoint_dir or artifact_dir)
-    cfg = json.loads((artifact_dir / "config.json").read_text())
-    for f in ("model.onnx", "model.int8.onnx"):
-        if not (artifact_dir / f).exists():
-            raise ExportError(f"{artifact_dir / f} does not exist; run linmod-export first")
-    labels, flag_labels, threshold = cfg["labels"], cfg["flag_labels"], float(cfg["threshold"])
+    try:
+        cfg = ArtifactConfig.from_dir(artifact_dir)
+    except ArtifactError as e:
+        raise ExportError(str(e)) from e
+    fp32, int8, fp16 = (artifact_dir / MODEL_FILES[p] for p in ("fp32", "int8", "fp16"))
+    for path in (fp32, int8):
+        if not path.exists():
+            raise ExportError(f"{path} does not exist; run linmod-export first")
+    labels, flag_labels, threshold = cfg.labels, cfg.flag_labels, cfg.threshold
     examples = read_split(data_dir, split)
     if max_docs:
         examples = examples[:max_docs]
-    tok = load_tokenizer(artifact_dir / "tokenizer.json")
+    tok = load_tokenizer(artifact_dir / TOKENIZER_FILE)
     seqs = [
         s[: model.cfg.n_max] or [model.cfg.pad_id] for s in encode(tok, [e.text for e in examples])
     ]
@@ -284,8 +297,8 @@ def run_parity(
         return score(logits) >= threshold
 
     t0 = time.time()
-    sess = session(artifact_dir / "model.onnx")
-    sess8 = session(artifact_dir / "model.int8.onnx")
+    sess = session(fp32)
+    sess8 = session(int8)
     fp32 = check_fp32(model, sess, seqs, decide)
     t_logits = predict_logits(model, seqs)
     checks = [
@@ -311,12 +324,8 @@ def run_parity(
         ),
         check_dynamic(model, sess),
     ]
-    if (artifact_dir / "model.fp16.onnx").exists():
-        checks.append(
-            check_fp16(artifact_dir / "model.fp16.onnx", t_logits, seqs, model.cfg.pad_id)
-        )
-    from model.train import machine_info
-
+    if fp16.exists():
+        checks.append(check_fp16(fp16, t_logits, seqs, model.cfg.pad_id))
     mi = machine_info()
     report = {
         "passed": all(c.passed for c in checks),
@@ -330,8 +339,8 @@ def run_parity(
         "date": time.strftime("%Y-%m-%d"),
         "checks": [c.__dict__ for c in checks],
     }
-    (artifact_dir / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
-    if (artifact_dir / "metrics.json").exists():
+    (artifact_dir / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if (artifact_dir / METRICS_FILE).exists():
         from model.card import write_card
 
         write_card(artifact_dir)
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['name']}: {c['summary']}")
     print(
         f"{'all checks passed' if report['passed'] else 'PARITY FAILED'}; report in "
-        f"{args.artifact / 'parity.json'}"
+        f"{args.artifact / PARITY_FILE}"
     )
     return 0 if report["passed"] else 1
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from model.linformer import LinformerClassifier
+from service.artifact import pad_batch
+from service.artifact import softmax as softmax  # the training commands read probabilities
 
 
 def length_batches(
@@ -46,12 +48,7 @@ def length_batches(
 
 def collate(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest: (input_ids, attention_mask), both int64 (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = s
-        mask[row, : len(s)] = 1
+    ids, mask = pad_batch(seqs, pad_id)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
@@ -78,9 +75,3 @@ def predict_logits(
         logits = model(ids.to(device), mask.to(device))
         out[idx] = logits.float().cpu().numpy()
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)

@@ -10,7 +10,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.card_sections import bootstrap_lines, bow_lines, origin, origin_lines, stage_lines
+from model.card_sections import (
+    bootstrap_lines,
+    bow_lines,
+    distill_lines,
+    origin,
+    origin_lines,
+    stage_lines,
+)
+from service.artifact import (
+    CARD_FILE,
+    CONFIG_FILE,
+    EXPORT_FILE,
+    METRICS_FILE,
+    PARITY_FILE,
+    TRAINING_FILE,
+)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -72,7 +87,9 @@ def _versus_baseline(m: dict[str, Any], b: dict[str, Any], group: str = "hard-ha
 def _pretraining_lines(pre: dict[str, Any] | None) -> list[str]:
     if not pre:
         return []
-    pc = pre.get("pretraining_config") or pre.get("pretrain_config", {})
+    pc = pre.get("pretraining_config") or pre.get("pretrain_config")
+    if not pc:  # a supervised run this one started from: the stage lines describe it
+        return []
     return [
         f"- Pre-training first (`linmod-pretrain`): masked-language modelling on the training "
         f"split's own text ({pre.get('documents')} messages, no labels), {pc.get('epochs')} epochs "
@@ -86,11 +103,11 @@ def _pretraining_lines(pre: dict[str, Any] | None) -> list[str]:
 
 
 def render_card(artifact_dir: Path) -> str:
-    cfg = _load(artifact_dir / "config.json")
-    metrics = _load(artifact_dir / "metrics.json")
-    training = _load(artifact_dir / "training.json")
-    export = _load(artifact_dir / "export.json")
-    parity = _load(artifact_dir / "parity.json")
+    cfg = _load(artifact_dir / CONFIG_FILE)
+    metrics = _load(artifact_dir / METRICS_FILE)
+    training = _load(artifact_dir / TRAINING_FILE)
+    export = _load(artifact_dir / EXPORT_FILE)
+    parity = _load(artifact_dir / PARITY_FILE)
     tc = training.get("train_config", {})
     machine = training.get("machine", {})
     mc = training.get("model_config", {})
@@ -234,6 +251,7 @@ def render_card(artifact_dir: Path) -> str:
             ),
             *stage_lines(training),
             *bow_lines(training),
+            *distill_lines(training),
             *([] if source else _pretraining_lines(training.get("pretraining"))),
             f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min"
             + (" of fine-tuning" if training.get("pretraining") else "")
@@ -321,4 +339,4 @@ def _kept_text(training: dict[str, Any]) -> str:
 
 
 def write_card(artifact_dir: Path) -> None:
-    (artifact_dir / "MODEL_CARD.md").write_text(render_card(artifact_dir))
+    (artifact_dir / CARD_FILE).write_text(render_card(artifact_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -11,10 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.data import DataError
 from model.linformer import LinformerClassifier
+from service.artifact import MODEL_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 
-WEIGHTS = "model.safetensors"
-CONFIG = "model_config.json"
+WEIGHTS, CONFIG = WEIGHTS_FILE, MODEL_CONFIG_FILE
 
 
 class CheckpointError(Exception):
@@ -67,6 +69,29 @@ def load_checkpoint(ckpt_dir: Path, device: str = "cpu") -> LinformerClassifier:
     return model.to(device).eval()
 
 
+def load_pretrained(
+    init_dir: Path, mc: ModelConfig, head: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Sizes and encoder weights of a run (or artifact) to start from; dropout and pooling stay
+    as given. An in-graph bag-of-words branch is not carried over: linmod-bow fits it afresh."""
+    ckpt = init_dir / "last"
+    if not ckpt.exists() and (init_dir / WEIGHTS).exists():
+        ckpt = init_dir  # an exported artifact: the same files at the top level
+    for path in (init_dir / TOKENIZER_FILE, ckpt / CONFIG, ckpt / WEIGHTS):
+        if not path.exists():
+            raise DataError(f"{init_dir} is not a linmod-pretrain run: {path} does not exist")
+    pre = ModelConfig.load(ckpt / CONFIG)
+    mc = dataclasses.replace(
+        pre, dropout=mc.dropout, pooling=pre.pooling if head else mc.pooling, bow=False
+    )
+    state = load_file(str(ckpt / WEIGHTS))
+    return mc, {
+        k: v
+        for k, v in state.items()
+        if (head or not k.startswith("head.")) and not k.startswith("bow.")
+    }
+
+
 def average_checkpoints(ckpt_dirs: list[Path]) -> LinformerClassifier:
     """One model whose weights are the mean of several checkpoints of the same config."""
     models = [load_checkpoint(d) for d in ckpt_dirs]
@@ -94,8 +119,3 @@ def code_version() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
-
-
-def torch_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)

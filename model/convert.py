@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.linformer import LinformerClassifier
+from service.artifact import TOKENIZER_FILE
 
 
 class ConversionError(Exception):
@@ -169,7 +170,7 @@ def convert(
     tok.no_truncation()
     tok.no_padding()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
+    tok.save(str(out_dir / TOKENIZER_FILE))
     save_checkpoint(model, out_dir / "last")
     origin = {
         "encoder": name,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.batching import predict_logits, softmax
+from model.batching import predict_logits
 from model.card import write_card
-from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, code_version, load_checkpoint
+from model.checkpoint import CONFIG, CheckpointError, code_version, load_checkpoint
 from model.data import DataError, Example, read_manifest, read_split
 from model.metrics import (
     binary_report,
@@ -30,43 +29,18 @@ from model.sa_baseline import CACHE_DIR as SA_CACHE_DIR
 from model.sa_baseline import SpamAssassinError, spamassassin_baseline
 from model.sa_baseline import summary as sa_summary
 from model.tokenizer import encode, load_tokenizer
-from service.documents import window_starts
-
-# The model sizes config.json carries beside labels and threshold (what the service and export read).
-CONFIG_MODEL_KEYS = (
-    "n_max",
-    "pad_id",
-    "k",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_ff",
-    "sharing",
-    "vocab_size",
+from model.training import parse_group_values
+from service import artifact
+from service.artifact import (
+    METRICS_FILE,
+    MODEL_KEYS,
+    TOKENIZER_FILE,
+    TRAINING_FILE,
+    ArtifactConfig,
+    flag_scores,
+    softmax,
 )
-
-
-def parse_group_rates(spec: str) -> dict[str, float]:
-    """ "a=0.05,b=0.1" -> {"a": 0.05, "b": 0.1}, each rate in [0, 1]."""
-    out: dict[str, float] = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        name, sep, value = item.rpartition("=")
-        try:
-            rate = float(value)
-        except ValueError:
-            rate = -1.0
-        if not sep or not name or not 0 <= rate <= 1:
-            raise ValueError(
-                f"flag rates must look like 'group=rate,...' with rates from 0 to 1, not {item!r}"
-            )
-        out[name] = rate
-    return out
-
-
-def flag_scores(probs: np.ndarray, labels: list[str], flag_labels: list[str]) -> np.ndarray:
-    """A document's flag score: the highest probability among the flag labels."""
-    cols = [labels.index(lab) for lab in flag_labels]
-    return probs[:, cols].max(axis=1)
+from service.documents import window_starts
 
 
 def windows(ids: list[int], n_max: int, overlap: int) -> list[list[int]]:
@@ -120,7 +94,7 @@ def evaluate(
     ckpt = run_dir / "best"
     model = load_checkpoint(ckpt)
     cfg = model.cfg
-    tok = load_tokenizer(run_dir / "tokenizer.json")
+    tok = load_tokenizer(run_dir / TOKENIZER_FILE)
     labels = cfg.labels
     manifest = read_manifest(data_dir)
     if list(manifest["labels"]) != labels:  # type: ignore[call-overload]
@@ -209,30 +183,26 @@ def ship(
     metrics: dict[str, Any],
 ) -> None:
     """Write the artifact: checkpoint, tokenizer, service config, metrics, training record, card."""
-    artifact_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "best"
-    for f in (WEIGHTS, CONFIG):
-        shutil.copyfile(ckpt / f, artifact_dir / f)
-    shutil.copyfile(run_dir / "tokenizer.json", artifact_dir / "tokenizer.json")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     if (run_dir / "history.json").exists():
         run["history"] = json.loads((run_dir / "history.json").read_text())
-    (artifact_dir / "training.json").write_text(json.dumps(run, indent=2) + "\n")
     mc = json.loads((ckpt / CONFIG).read_text())
-    config = {
-        "name": name,
-        "version": time.strftime("%Y.%m.%d"),
-        "architecture": "linformer",
-        "labels": mc["labels"],
-        "flag_labels": flag_labels,
-        "threshold": round(threshold, 6),
-        "threshold_rule": metrics["threshold_rule"],
-        **{k: mc[k] for k in CONFIG_MODEL_KEYS},
-        "data": {"source": manifest.get("source"), "sha256": manifest.get("sha256")},
-        "code_version": run.get("code_version") or code_version(),
-    }
-    (artifact_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (artifact_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    config = ArtifactConfig(
+        name=name,
+        version=time.strftime("%Y.%m.%d"),
+        architecture="linformer",
+        labels=mc["labels"],
+        flag_labels=flag_labels,
+        threshold=round(threshold, 6),
+        threshold_rule=metrics["threshold_rule"],
+        **{k: mc[k] for k in MODEL_KEYS},
+        data={"source": manifest.get("source"), "sha256": manifest.get("sha256")},
+        code_version=run.get("code_version") or code_version(),
+    )
+    artifact.ship(ckpt, run_dir / TOKENIZER_FILE, artifact_dir, config)
+    (artifact_dir / TRAINING_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    (artifact_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     write_card(artifact_dir)
 
 
@@ -264,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        max_group_rate = parse_group_rates(args.max_flag_rate)
+        max_group_rate = parse_group_values(args.max_flag_rate, "rate")
         m = evaluate(
             args.run,
             args.data,

@@ -1,8 +1,10 @@
 """Linformer encoder and classifier (Wang et al., 2020), padding-invariant by construction.
 
 Keys and values are projected along the sequence axis by E, F of shape (n_max, k). Pad rows of
-K and V are zeroed before that projection at every layer, so a document's logits do not depend on
-what it is batched with. See DESIGN.md, "The Linformer layer".
+K and V are zeroed (with `where`, after their linear projection) before that projection at every
+layer, E and F are sliced to the batch length with no branch on the shape, and pooling is masked,
+so a document's logits do not depend on what it is batched with; tests/model/test_linformer.py
+checks it for a document alone, beside longer ones and padded to n_max.
 """
 
 from __future__ import annotations

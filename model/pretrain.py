@@ -9,7 +9,6 @@ history.json and run.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -19,27 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
-from model.batching import collate, length_batches
-from model.checkpoint import code_version, save_checkpoint
+from model.batching import collate
+from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import DataError, read_manifest, read_split
 from model.linformer import LinformerClassifier
-from model.tokenizer import MASK_ID, PAD_ID, encode, load_tokenizer, train_tokenizer
-from model.train import (
-    add_dataclass_args,
-    add_model_args,
-    dataclass_from_args,
-    lr_at,
-    machine_info,
+from model.tokenizer import MASK_ID, PAD_ID, encode
+from model.training import (
     make_optimizer,
-    optimizer_steps,
+    make_schedule,
+    plan_steps,
+    provenance,
+    run_command,
+    run_epoch,
+    setup,
+    tokenizer_for,
 )
 
 FIRST_ORDINARY_ID = MASK_ID + 1  # ids below are special tokens, never drawn as random words
@@ -105,27 +103,19 @@ def pretrain(
     data_dir: Path, out_dir: Path, mc: ModelConfig, pc: PretrainConfig, progress: bool = True
 ) -> dict[str, Any]:
     """Masked-language pre-training on the training split; returns the run summary."""
-    random.seed(pc.seed)
-    np.random.seed(pc.seed)
-    torch.manual_seed(pc.seed)
-    if pc.threads:
-        torch.set_num_threads(pc.threads)
+    device = setup(pc.seed, pc.threads)
     if not 0 < pc.mask_prob < 1:
         raise ValueError(f"mask probability must be between 0 and 1, not {pc.mask_prob}")
     if not 0 < pc.window <= mc.n_max:
         raise ValueError(f"window must be between 1 and n_max={mc.n_max}, not {pc.window}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     manifest = read_manifest(data_dir)
     train_ex = read_split(data_dir, "train")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_path = out_dir / "tokenizer.json"
-    if tok_path.exists():
-        tok = load_tokenizer(tok_path)
-    else:
-        tok = train_tokenizer((e.text for e in train_ex), vocab_size=pc.vocab_size)
-        tok.save(str(tok_path))
+    tok = tokenizer_for(out_dir, (e.text for e in train_ex), pc.vocab_size)
     if tok.token_to_id("<mask>") != MASK_ID:
-        raise DataError(f"{tok_path} has no <mask> token at id {MASK_ID}; delete it to retrain")
+        raise DataError(
+            f"{out_dir / 'tokenizer.json'} has no <mask> token at id {MASK_ID}; delete it to retrain"
+        )
     labels = list(manifest["labels"])  # type: ignore[call-overload]
     mc = dataclasses.replace(mc, vocab_size=tok.get_vocab_size(), labels=labels, pad_id=PAD_ID)
     seqs = [s for s in encode(tok, [e.text for e in train_ex]) if s]
@@ -140,13 +130,8 @@ def pretrain(
     rng = random.Random(pc.seed)
     gen = torch.Generator().manual_seed(pc.seed)
     win_lengths = [min(len(s), pc.window) for s in seqs]
-    steps_per_epoch = len(
-        optimizer_steps(
-            length_batches(win_lengths, pc.max_tokens, pc.max_batch), pc.min_docs_per_step
-        )
-    )
-    total_steps = steps_per_epoch * pc.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total_steps, pc))
+    steps_per_epoch = len(plan_steps(win_lengths, pc))
+    sched = make_schedule(opt, steps_per_epoch * pc.epochs, pc)
     print(
         f"pre-training: {model.num_parameters() / 1e6:.2f}M parameters, {len(seqs)} documents, "
         f"{sum(win_lengths)} tokens an epoch in windows of at most {pc.window}, "
@@ -156,20 +141,14 @@ def pretrain(
     history: list[dict[str, Any]] = []
     started = time.time()
     for epoch in range(1, pc.epochs + 1):
-        params.train()
-        t0, seen, ema = time.time(), 0, None
-        total_loss, total_masked = 0.0, 0
         windows = random_windows(seqs, pc.window, rng)
-        micro = length_batches([len(w) for w in windows], pc.max_tokens, pc.max_batch, rng)
-        bar = tqdm(
-            optimizer_steps(micro, pc.min_docs_per_step),
-            desc=f"pretrain {epoch}/{pc.epochs}",
-            unit="step",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for group in bar:
-            opt.zero_grad(set_to_none=True)
+        masked = {"loss": 0.0, "tokens": 0.0}
+
+        def step_loss(
+            group: list[list[int]],
+            windows: list[list[int]] = windows,
+            masked: dict[str, float] = masked,
+        ) -> tuple[float, int]:
             batches = []
             for idx in group:
                 ids, mask = collate([windows[i] for i in idx], mc.pad_id)
@@ -177,7 +156,7 @@ def pretrain(
                 batches.append((corrupted, targets, mask))
             # Every masked token weighs the same, whatever micro-batch its window landed in.
             n_masked = max(1, sum(int((t != -100).sum()) for _, t, _ in batches))
-            step_loss = 0.0
+            step_loss, seen = 0.0, 0
             for corrupted, targets, mask in batches:
                 h, _ = model.encode(corrupted.to(device), mask.to(device))
                 sel = targets.to(device) != -100
@@ -186,23 +165,20 @@ def pretrain(
                 loss.backward()
                 step_loss += loss.item()
                 seen += int(mask.sum())
-            torch.nn.utils.clip_grad_norm_(params.parameters(), pc.grad_clip)
-            opt.step()
-            sched.step()
-            total_loss += step_loss * n_masked
-            total_masked += n_masked
-            ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
-            bar.set_postfix(
-                loss=f"{ema:.3f}",
-                tok_s=f"{seen / (time.time() - t0):.0f}",
-                lr=f"{sched.get_last_lr()[0]:.2e}",
-            )
-        bar.close()
+            masked["loss"] += step_loss * n_masked
+            masked["tokens"] += n_masked
+            return step_loss, seen
+
+        done = run_epoch(
+            params, opt, sched, plan_steps([len(w) for w in windows], pc, rng), step_loss,
+            grad_clip=pc.grad_clip, desc=f"pretrain {epoch}/{pc.epochs}", progress=progress,
+            loss_digits=3,
+        )  # fmt: skip
         record = {
             "epoch": epoch,
-            "mlm_loss": total_loss / max(1, total_masked),
-            "train_seconds": time.time() - t0,
-            "tokens_per_second": seen / (time.time() - t0),
+            "mlm_loss": masked["loss"] / max(1, masked["tokens"]),
+            "train_seconds": done.seconds,
+            "tokens_per_second": done.tokens_per_second,
         }
         history.append(record)
         print(json.dumps(record), file=sys.stderr)
@@ -221,35 +197,26 @@ def pretrain(
         "wall_seconds": round(time.time() - started, 1),
         "documents": len(seqs),
         "final_mlm_loss": history[-1]["mlm_loss"],
-        "data_sha256": manifest.get("sha256"),
-        "code_version": code_version(),
-        "machine": machine_info(),
-        "date": time.strftime("%Y-%m-%d"),
+        **provenance(manifest),
     }
     (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="linmod-pretrain", description=__doc__)
-    p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
-    p.add_argument("--out", type=Path, required=True, help="pre-training run directory")
-    model_keys = add_model_args(p, pooling=False)
-    add_dataclass_args(p, PretrainConfig)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        mc = ModelConfig(**{f: getattr(args, f) for f in model_keys})
-        pc = dataclass_from_args(PretrainConfig, args)
-        summary = pretrain(args.data, args.out, mc, pc, progress=not args.no_progress)
-    except (DataError, ValueError) as e:
-        print(f"linmod-pretrain: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"done in {summary['wall_seconds']} s; masked-LM loss {summary['final_mlm_loss']:.3f}; "
-        f"fine-tune with linmod-train --init {args.out}"
+    return run_command(
+        argv,
+        prog="linmod-pretrain",
+        description=__doc__,
+        config_cls=PretrainConfig,
+        run=pretrain,
+        done=lambda summary, out: (
+            f"done in {summary['wall_seconds']} s; masked-LM loss "
+            f"{summary['final_mlm_loss']:.3f}; fine-tune with linmod-train --init {out}"
+        ),
+        pooling=False,
+        out_help="pre-training run directory",
     )
-    return 0
 
 
 if __name__ == "__main__":

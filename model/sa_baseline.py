@@ -299,7 +299,7 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.evaluate import parse_group_rates
+    from model.training import parse_group_values
 
     p = argparse.ArgumentParser(prog="python -m model.sa_baseline", description=__doc__)
     p.add_argument("--data", type=Path, required=True, help="dataset directory (linmod-data)")
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="parallel scorers (default: cores, at most 4)")
     args = p.parse_args(argv)
     try:
-        rates = parse_group_rates(args.max_flag_rate)
+        rates = parse_group_values(args.max_flag_rate, "rate")
         flag_labels = args.flag_labels or ["spam"]
         if args.artifact:
             # The baseline must be held to the rule the artifact's model was held to.

@@ -12,7 +12,8 @@ import pytest
 from bench.attention_point import run_point
 from bench.common import encode
 from bench.naive_server import create_app
-from bench.runners import flag_scores, ort_runner, run_all
+from bench.runners import ort_runner, run_all
+from service.artifact import flag_scores, softmax
 
 
 def test_attention_point_reports_latency_and_peak() -> None:
@@ -42,7 +43,7 @@ def test_naive_server_decides_like_the_offline_engine(tiny_artifact: Path) -> No
     run = ort_runner(tiny_artifact, "fp32", threads=1)
     assert run is not None
     logits, _, _ = run_all(run, seqs, cfg["pad_id"], [[0], [1]])
-    flagged = flag_scores(logits, cfg["labels"], cfg["flag_labels"]) >= cfg["threshold"]
+    flagged = flag_scores(softmax(logits), cfg["labels"], cfg["flag_labels"]) >= cfg["threshold"]
     assert [r["flagged"] for r in got] == list(np.asarray(flagged))
     assert [r["tokens"] for r in got] == [len(ids) for ids in full]
     assert [r["truncated"] for r in got] == [len(ids) > cfg["n_max"] for ids in full]

@@ -14,7 +14,7 @@ import torch
 
 from export.onnx_export import ExportError, export_artifact, main
 from export.parity import main as parity_main
-from export.parity import pad_batch, run_parity
+from export.parity import run_parity, session_inputs
 from model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def test_graph_stays_dynamic_at_shapes_never_traced(tiny_artifact: Path) -> None
             for _ in range(B)
         ]
         seqs[-1] = list(rng.integers(2, model.cfg.vocab_size, size=T))
-        feed = pad_batch(seqs, model.cfg.pad_id)
+        feed = session_inputs(seqs, model.cfg.pad_id)
         onnx_out = sess.run(["logits"], feed)[0]
         with torch.no_grad():
             torch_out = model(
@@ -186,7 +186,7 @@ def test_fp16_of_a_freshly_initialised_model_loads(tmp_path: Path) -> None:
     sess = ort.InferenceSession(
         str(tmp_path / "model.fp16.onnx"), providers=["CPUExecutionProvider"]
     )
-    feed = pad_batch([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    feed = session_inputs([[5, 6, 7, 8], [9, 10]], pad_id=0)
     with torch.no_grad():
         ref = model(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
     np.testing.assert_allclose(sess.run(["logits"], feed)[0], ref.numpy(), atol=1e-2)

@@ -119,13 +119,13 @@ def test_same_seed_same_model(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def test_group_weights_parse_and_bad_specs_are_clear() -> None:
-    from model.train import parse_group_weights
+    from model.training import parse_group_values
 
-    assert parse_group_weights("") == {}
-    assert parse_group_weights("hard-ham-1=4, a=b=0.5") == {"hard-ham-1": 4.0, "a=b": 0.5}
+    assert parse_group_values("", "weight") == {}
+    assert parse_group_values("hard-ham-1=4, a=b=0.5", "weight") == {"hard-ham-1": 4.0, "a=b": 0.5}
     for bad in ("hard-ham-1", "=2", "x=0", "x=-1", "x=lots"):
         with pytest.raises(ValueError, match="group=weight"):
-            parse_group_weights(bad)
+            parse_group_values(bad, "weight")
 
 
 @pytest.mark.slow
@@ -185,12 +185,13 @@ def test_threshold_can_be_held_to_a_group_flag_rate() -> None:
 def test_flag_rate_specs_parse_and_bad_ones_are_clear(
     tiny_run: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from model.evaluate import main, parse_group_rates
+    from model.evaluate import main
+    from model.training import parse_group_values
 
-    assert parse_group_rates("hard-ham-1=0.05,x=1") == {"hard-ham-1": 0.05, "x": 1.0}
+    assert parse_group_values("hard-ham-1=0.05,x=1", "rate") == {"hard-ham-1": 0.05, "x": 1.0}
     for bad in ("hard-ham-1", "x=1.5", "x=-0.1", "=0.1", "x=some"):
         with pytest.raises(ValueError, match="group=rate"):
-            parse_group_rates(bad)
+            parse_group_values(bad, "rate")
     args = ["--run", str(tiny_run), "--data", str(tiny_data), "--artifact", str(tmp_path / "a")]
     assert main([*args, "--max-flag-rate", "x=2"]) == 2
     assert "rates from 0 to 1" in capsys.readouterr().err
@@ -299,7 +300,7 @@ def test_model_card_names_the_kept_epoch_and_label_smoothing(tmp_path: Path) -> 
 def test_layer_wise_learning_rates_decay_from_the_head_down() -> None:
     from model.config import ModelConfig
     from model.linformer import LinformerClassifier
-    from model.train import layer_depth, make_optimizer
+    from model.training import layer_depth, make_optimizer
 
     model = LinformerClassifier(ModelConfig(vocab_size=50, n_max=16, d_model=16, n_heads=2, k=4))
     assert layer_depth("head.weight", 4) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from service_testing import make_settings, serving
 
-from export.parity import pad_batch
+from export.parity import session_inputs
 from service.app import create_app
 from service.engine import OnnxEngine
 
@@ -24,7 +24,7 @@ def test_cuda_engine_uses_cuda_and_fp16_agrees_with_fp32(tiny_artifact: Path) ->
     assert cuda16.provider == "CUDAExecutionProvider" and cuda16.precision == "fp16"
     rng = np.random.default_rng(0)
     seqs = [list(rng.integers(2, 500, size=n)) for n in (1, 7, 33, 64)]
-    feed = pad_batch(seqs, pad_id=0)
+    feed = session_inputs(seqs, pad_id=0)
 
     def probs(logits: np.ndarray) -> np.ndarray:
         e = np.exp(logits - logits.max(-1, keepdims=True))
