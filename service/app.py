@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import __version__
+from service.artifact import TOKENIZER_FILE
 from service.auth import ApiKeyMiddleware
 from service.batcher import BatcherConfig, DynamicBatcher
 from service.classifier import Classifier
@@ -20,6 +21,7 @@ from service.documents import DocumentEncoder
 from service.drain import InflightMiddleware
 from service.engine import Engine, EngineError, OnnxEngine, warmup, warmup_shapes
 from service.errors import install_error_handlers
+from service.jobs.store import open_store
 from service.jobs.upload import UPLOAD_OVERHEAD
 from service.jobs.worker import JobWorker
 from service.metrics import Metrics
@@ -72,9 +74,9 @@ async def start(state: ServiceState, engine: Engine | None) -> None:
     state.engine = engine
     config = engine.config
     try:
-        encoder = DocumentEncoder.from_file(s.model_dir / "tokenizer.json")
+        encoder = DocumentEncoder.from_file(s.model_dir / TOKENIZER_FILE)
     except Exception as exc:  # tokenizers raises plain Exceptions
-        raise EngineError(f"cannot load {s.model_dir / 'tokenizer.json'}: {exc}") from exc
+        raise EngineError(f"cannot load {s.model_dir / TOKENIZER_FILE}: {exc}") from exc
     # The default matches how the model's evaluation scores long documents.
     overlap = s.chunk_overlap if s.chunk_overlap is not None else min(256, config.n_max // 4)
     if overlap >= config.n_max:
@@ -140,6 +142,10 @@ def create_app(
         warming = asyncio.create_task(_warm_up(state), name="linmod-warmup")
         started: list[BackgroundService] = []
         try:
+            if state.jobs is not None:
+                # One clock for the store and its worker (tests move it).
+                state.store = await open_store(settings.database_url, clock=state.jobs.clock)
+                log.info("job store open", extra={"database": state.store.db.url})
             for service in services:
                 await service.start(state)
                 started.append(service)
@@ -149,6 +155,8 @@ def create_app(
             warming.cancel()
             for service in reversed(started):
                 await service.stop()
+            if state.store is not None:
+                await asyncio.to_thread(state.store.db.close)
             await stop(state)
 
     app = FastAPI(

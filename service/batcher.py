@@ -15,7 +15,6 @@ queued or running); with `wait_for_room=True` a job waits for room instead of be
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import time
@@ -25,78 +24,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine import Engine, FloatArray, IntArray, collate
+from service.artifact import IntArray, pad_batch
+from service.engine import Engine
 from service.metrics import Metrics
+from service.queueing import (
+    BatcherClosedError,
+    BatcherConfig,
+    BatcherError,
+    BatchFailedError,
+    DeadlineExceededError,
+    Priority,
+    QueueFullError,
+    RequestTooLargeError,
+    SubmitResult,
+)
+
+__all__ = [
+    "BatchFailedError",
+    "BatcherClosedError",
+    "BatcherConfig",
+    "BatcherError",
+    "DeadlineExceededError",
+    "DynamicBatcher",
+    "Priority",
+    "QueueFullError",
+    "RequestTooLargeError",
+    "SubmitResult",
+]
 
 log = logging.getLogger(__name__)
-
-
-class Priority(enum.IntEnum):
-    """Lower runs first."""
-
-    INTERACTIVE = 0
-    BATCH = 1
-
-    @property
-    def label(self) -> str:
-        """The metric label value."""
-        return self.name.lower()
-
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    """Batch forming and admission limits (see Settings for their meaning)."""
-
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 32
-    max_wait_s: float = 0.005
-    max_queue_items: int = 1024
-    max_queue_tokens: int = 1_048_576
-    max_job_items: int = 256
-    # A window joins a batch only while real tokens stay at least this share of padded tokens:
-    # on a CPU an engine run costs what its padded tokens cost.
-    min_batch_fill: float = 0.85
-    # Padded tokens of a batch of batch-job windows: an interactive request arriving while one
-    # runs waits for it, so it is kept short.
-    max_job_batch_tokens: int = 4096
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    """Logits of the submitted windows and where their time went."""
-
-    logits: FloatArray
-    queue_s: float  # longest wait of any window before its batch was formed
-    inference_s: float  # engine time of the batches its windows ran in
-    batches: int
-
-
-class BatcherError(Exception):
-    """Base of the errors `submit` raises."""
-
-
-class QueueFullError(BatcherError):
-    """No room for the whole request; try again after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RequestTooLargeError(BatcherError):
-    """A request that alone is over an admission budget, so it can never be admitted."""
-
-
-class DeadlineExceededError(BatcherError):
-    """The deadline passed before every window had run."""
-
-
-class BatchFailedError(BatcherError):
-    """The engine raised on a batch that held one of the request's windows."""
-
-
-class BatcherClosedError(BatcherError):
-    """The batcher is shutting down and takes no new work."""
 
 
 class _Request:
@@ -381,7 +337,7 @@ class DynamicBatcher:
                     self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        ids, mask = collate([item.ids for item in batch], self._engine.config.pad_id)
+        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
         start = time.perf_counter()
         try:
             logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.admission import CharGate
+from service.artifact import ArtifactConfig, IntArray, softmax
 from service.batcher import DeadlineExceededError, DynamicBatcher, Priority, QueueFullError
-from service.documents import DocumentEncoder, aggregate, plan_document, softmax
-from service.engine import IntArray, ModelConfig
+from service.documents import DocumentEncoder, aggregate, plan_document
 from service.metrics import Metrics
 from service.settings import Aggregation, LongDocumentPolicy
 
@@ -53,7 +53,7 @@ class Classifier:
         encoder: DocumentEncoder,
         batcher: DynamicBatcher,
         metrics: Metrics,
-        config: ModelConfig,
+        config: ArtifactConfig,
         *,
         chunk_overlap: int,
         aggregation: Aggregation = "max",

@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from numpy.typing import NDArray
 from tokenizers import Tokenizer
 
+from service.artifact import FloatArray, IntArray
 from service.settings import Aggregation, LongDocumentPolicy
-
-IntArray = NDArray[np.int64]
-FloatArray = NDArray[np.float32]
 
 
 class DocumentError(ValueError):
@@ -95,14 +92,6 @@ def plan_document(
         return DocumentPlan([ids[:n_max]], tokens, truncated=True)
     windows = [ids[s : s + n_max] for s in window_starts(tokens, n_max, overlap)]
     return DocumentPlan(windows, tokens, truncated=False)
-
-
-def softmax(logits: FloatArray) -> FloatArray:
-    """Row-wise softmax in float32."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    probs: FloatArray = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return probs
 
 
 def aggregate(probs: FloatArray, flag_indices: Sequence[int], how: Aggregation) -> FloatArray:

@@ -1,4 +1,4 @@
-"""Inference engines: the model artifact's config, an ONNX Runtime engine and a weightless fake.
+"""Inference engines: an ONNX Runtime engine over a model artifact, and a weightless fake.
 
 An engine maps right-padded int64 (input_ids, attention_mask) to float32 logits; it is called
 from one worker thread at a time and knows nothing of queues or HTTP.
@@ -6,73 +6,38 @@ from one worker thread at a time and knows nothing of queues or HTTP.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.artifact import (
+    INPUT_NAMES,
+    MODEL_FILES,
+    OUTPUT_NAME,
+    ArtifactConfig,
+    ArtifactError,
+    FloatArray,
+    IntArray,
+)
 from service.settings import Device, Precision
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-IntArray = NDArray[np.int64]
-FloatArray = NDArray[np.float32]
 
 
 class EngineError(RuntimeError):
     """The model cannot be loaded or run as configured."""
 
 
-class ModelConfig(BaseModel):
-    """config.json of a model artifact; unknown keys are kept and shown on /info."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=(), frozen=True)
-
-    name: str
-    version: str
-    labels: list[str] = Field(min_length=2)
-    flag_labels: list[str] = Field(min_length=1)
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    n_max: int = Field(ge=1)
-    pad_id: int = 0
-    k: int | None = None
-
-    @model_validator(mode="after")
-    def _flag_labels_known(self) -> ModelConfig:
-        unknown = set(self.flag_labels) - set(self.labels)
-        if unknown:
-            raise ValueError(f"flag_labels not in labels: {sorted(unknown)}")
-        return self
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> ModelConfig:
-        """Read and validate `model_dir/config.json`."""
-        path = model_dir / "config.json"
-        try:
-            return cls.model_validate(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot read model config {path}: {exc}") from exc
-
-    @property
-    def flag_indices(self) -> list[int]:
-        """Logit columns of the labels that flag a document."""
-        return [self.labels.index(label) for label in self.flag_labels]
-
-
 class Engine(Protocol):
     """What the batcher needs from a model."""
 
-    config: ModelConfig
+    config: ArtifactConfig
     provider: str
     precision: str
 
@@ -100,16 +65,16 @@ def choose_precision(requested: Precision, on_cuda: bool, model_dir: Path) -> st
 class OnnxEngine:
     """An ONNX Runtime session over one model file; `load` picks provider and precision."""
 
-    def __init__(self, session: Any, config: ModelConfig, precision: str) -> None:
+    def __init__(self, session: Any, config: ArtifactConfig, precision: str) -> None:
         self._session = session
         self.config = config
         self.precision = precision
         self.provider: str = session.get_providers()[0]
         names = {i.name for i in session.get_inputs()}
-        if not {"input_ids", "attention_mask"} <= names:
-            raise EngineError(f"model inputs are {sorted(names)}, need input_ids, attention_mask")
+        if not set(INPUT_NAMES) <= names:
+            raise EngineError(f"model inputs are {sorted(names)}, need {', '.join(INPUT_NAMES)}")
         outputs = [o.name for o in session.get_outputs()]
-        self._output = "logits" if "logits" in outputs else outputs[0]
+        self._output = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
 
     @classmethod
     def load(
@@ -124,7 +89,10 @@ class OnnxEngine:
         """Create the session; `cuda` fails unless CUDA is really in use, `auto` falls back."""
         import onnxruntime as ort  # imported here so that tests of the fake engine skip it
 
-        config = ModelConfig.from_dir(model_dir)
+        try:
+            config = ArtifactConfig.from_dir(model_dir)
+        except ArtifactError as exc:
+            raise EngineError(str(exc)) from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
@@ -177,7 +145,7 @@ class FakeEngine:
     stands in for compute time. `runs` records the (batch, length) of every call.
     """
 
-    def __init__(self, config: ModelConfig, *, delay_s: float = 0.0) -> None:
+    def __init__(self, config: ArtifactConfig, *, delay_s: float = 0.0) -> None:
         self.config = config
         self.provider = "fake"
         self.precision = "fp32"
@@ -200,17 +168,6 @@ class FakeEngine:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-def collate(windows: Sequence[IntArray], pad_id: int) -> tuple[IntArray, IntArray]:
-    """Right-padded input_ids and attention_mask [batch, longest], as the model expects."""
-    longest = max(int(w.size) for w in windows)
-    ids = np.full((len(windows), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(windows), longest), dtype=np.int64)
-    for row, window in enumerate(windows):
-        ids[row, : window.size] = window
-        mask[row, : window.size] = 1
-    return ids, mask
 
 
 def warmup_shapes(n_max: int, max_batch_tokens: int, max_batch_size: int) -> list[tuple[int, int]]:

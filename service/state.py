@@ -16,6 +16,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from service.jobs.store import JobStore
     from service.jobs.worker import JobWorker
 
 
@@ -39,7 +40,8 @@ class ServiceState:
     started_at: float = field(default_factory=time.time)
     # Path prefix -> body limit in bytes, over settings.max_body_bytes (e.g. file uploads).
     body_limits: dict[str, int] = field(default_factory=dict)
-    jobs: JobWorker | None = None  # the batch-jobs worker and store, when settings.jobs
+    store: JobStore | None = None  # the batch-job store, when settings.jobs (lifespan opens it)
+    jobs: JobWorker | None = None  # the batch-jobs worker, when settings.jobs
 
     @property
     def model_name(self) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, and_, bindparam, or_, select, update
 
 from service.jobs.db import Database, batch_lines, batches
 from service.jobs.jsonl import error_line
-from service.jobs.store import (
+from service.jobs.records import (
     CLAIMED,
     DONE,
     FAILED,

@@ -13,9 +13,7 @@ from service.batcher import BatcherClosedError, BatcherError, Priority
 from service.documents import DocumentError
 from service.errors import ApiError, error_body, from_classify_error, validation_error
 from service.inputs import extract_inputs
-from service.routes.classify import classify_response
-from service.routes.deps import check_limits
-from service.routes.moderations import moderation_response
+from service.responses import check_limits, classify_response, moderation_response
 from service.schemas import ClassifyRequest, InputFormat, ModerationRequest
 from service.settings import Aggregation, LongDocumentPolicy
 from service.state import ServiceState

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 from service.jobs.claims import fail_lines, result_size
 from service.jobs.db import Database, batch_lines, batches, file_lines, files, new_id
 from service.jobs.jsonl import LineValidator, error_line
-from service.jobs.store import (
+from service.jobs.records import (
     ACTIVE,
     CANCELLED,
     CANCELLING,

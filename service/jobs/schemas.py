@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.jobs.store import BatchRecord, FileRecord
+from service.jobs.records import BatchRecord, FileRecord
 from service.texts import SafeStr
 
 Endpoint = Literal["/v1/moderations", "/v1/classify"]

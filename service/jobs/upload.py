@@ -13,7 +13,8 @@ from starlette.requests import ClientDisconnect
 
 from service.errors import ApiError
 from service.jobs.jsonl import FileRejectedError, JsonlSplitter
-from service.jobs.store import FileRecord, JobStore, Quota, QuotaExceededError, quota_message
+from service.jobs.records import FileRecord, Quota, QuotaExceededError, quota_message
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.texts import clean_filename
 

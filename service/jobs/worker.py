@@ -20,7 +20,8 @@ from service.jobs.db import Database
 from service.jobs.dispatch import dispatch
 from service.jobs.jsonl import response_line
 from service.jobs.lifecycle import ActiveBatch, BatchLifecycle
-from service.jobs.store import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING, JobStore
+from service.jobs.records import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING
+from service.jobs.store import JobStore
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -30,7 +31,7 @@ LineKey = tuple[str, int]
 
 
 class JobWorker:
-    """Owns the job store of one app (the routes use it too) and the work of this replica.
+    """The work of this replica on the app's job store (which the lifespan opens and closes).
 
     It holds at most twice `job_claim_lines` lines, and the batcher bounds batch-job windows
     apart (`max_job_items`), so interactive requests keep their latency while a big job runs.
@@ -59,12 +60,12 @@ class JobWorker:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, state: ServiceState) -> None:
-        """Open the database (creating missing tables) and start working."""
+        """Start working on the store the lifespan opened (`state.store`)."""
         s = self.settings
-        db = Database(s.database_url)
-        await db.run(db.create_schema)
-        self.db, self._state = db, state
-        self.store = JobStore(db, clock=self.clock)
+        if state.store is None:
+            raise RuntimeError("the job store is not open")
+        self.store, self._state = state.store, state
+        db = self.db = state.store.db
         self.claims = LineClaims(db, clock=self.clock)
         self.lifecycle = BatchLifecycle(db, retention_s=s.job_retention_s, clock=self.clock)
         self._tasks = [
@@ -95,7 +96,6 @@ class JobWorker:
         await asyncio.gather(writer, return_exceptions=True)
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
-        await asyncio.to_thread(self.db.close)
         log.info("batch-job worker stopped", extra={"worker": self.id})
 
     async def drain(self) -> None:

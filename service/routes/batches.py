@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Query
 
 from service.jobs.schemas import COMPLETION_WINDOWS, Batch, BatchCreate, BatchList, batch_object
 from service.routes.deps import ApiKeyDep, StateDep, api_key, require_json
-from service.routes.files import JobsDep, call, store_of
+from service.routes.files import StoreDep, call
 from service.schemas import ERROR_RESPONSES
+from service.state import ServiceState
 from service.texts import SafeStr
 
 router = APIRouter(
@@ -26,13 +27,13 @@ router = APIRouter(
 
 @router.post("/batches", response_model=Batch, dependencies=[Depends(require_json)])
 async def create_batch(
-    body: BatchCreate, worker: JobsDep, owner: ApiKeyDep, state: StateDep
+    body: BatchCreate, store: StoreDep, owner: ApiKeyDep, state: StateDep
 ) -> Batch:
     """Start a batch: every line of the input file calls `endpoint`; poll it until it ends."""
     ttl = body.output_expires_after.seconds if body.output_expires_after else None
     record = await call(
-        worker,
-        store_of(worker).create_batch,
+        store,
+        store.create_batch,
         owner,
         input_file_id=body.input_file_id,
         endpoint=body.endpoint,
@@ -42,19 +43,19 @@ async def create_batch(
         model=state.model_name,
         output_ttl_s=ttl,
     )
-    worker.wake()
+    _wake_worker(state)
     return batch_object(record)
 
 
 @router.get("/batches/{batch_id}", response_model=Batch)
-async def retrieve_batch(batch_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> Batch:
+async def retrieve_batch(batch_id: SafeStr, store: StoreDep, owner: ApiKeyDep) -> Batch:
     """A batch's status, request counts and files."""
-    return batch_object(await call(worker, store_of(worker).get_batch, batch_id, owner))
+    return batch_object(await call(store, store.get_batch, batch_id, owner))
 
 
 @router.get("/batches", response_model=BatchList)
 async def list_batches(
-    worker: JobsDep,
+    store: StoreDep,
     owner: ApiKeyDep,
     after: Annotated[
         SafeStr | None, Query(description="the last batch id of the previous page")
@@ -62,9 +63,7 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100, description="batches per page")] = 20,
 ) -> BatchList:
     """Your batches, newest first."""
-    records, has_more = await call(
-        worker, store_of(worker).list_batches, owner, after=after, limit=limit
-    )
+    records, has_more = await call(store, store.list_batches, owner, after=after, limit=limit)
     data = [batch_object(r) for r in records]
     return BatchList(
         data=data,
@@ -75,9 +74,17 @@ async def list_batches(
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=Batch)
-async def cancel_batch(batch_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> Batch:
+async def cancel_batch(
+    batch_id: SafeStr, store: StoreDep, owner: ApiKeyDep, state: StateDep
+) -> Batch:
     """Stop a batch: lines running finish, the rest go to the error file (cancelling, then
     cancelled); 409 for a batch that has already ended."""
-    record = await call(worker, store_of(worker).cancel_batch, batch_id, owner)
-    worker.wake()
+    record = await call(store, store.cancel_batch, batch_id, owner)
+    _wake_worker(state)
     return batch_object(record)
+
+
+def _wake_worker(state: ServiceState) -> None:
+    """This replica's worker looks for work now rather than at its next poll."""
+    if state.jobs is not None:
+        state.jobs.wake()

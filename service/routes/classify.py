@@ -11,19 +11,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import ValidationError
 
-from service.classifier import Classification
 from service.errors import ApiError, validation_error
-from service.inputs import extract_inputs, extraction_info
-from service.mailtext import Extraction
+from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.routes.deps import ClassifierDep, StateDep, api_key, classify_texts
+from service.responses import classify_response
+from service.routes.caller import classify_for_caller
+from service.routes.deps import ClassifierDep, StateDep, api_key
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
     ClassifyResponse,
-    ClassifyResult,
     InputFormat,
-    Usage,
 )
 from service.settings import Aggregation, LongDocumentPolicy
 
@@ -121,24 +119,8 @@ async def classify(
             f"{declared or 'missing'!r}", code="unsupported_media_type", reason="invalid",
         )  # fmt: skip
     texts, extractions = await extract_inputs(items, input_format, state.settings)
-    outcome = await classify_texts(
+    outcome = await classify_for_caller(
         request, response, classifier, state.settings, texts,
         long_document=long_document, aggregation=aggregation,
     )  # fmt: skip
     return classify_response(outcome, state.model_name, request_id(request.scope), extractions)
-
-
-def classify_response(
-    outcome: Classification,
-    model: str,
-    rid: str,
-    extractions: Sequence[Extraction | None] = (),
-) -> ClassifyResponse:
-    """The response body for classified texts (batch-job lines share it)."""
-    found = list(extractions) or [None] * len(outcome.results)
-    results = [
-        ClassifyResult(**vars(r), extraction=extraction_info(e))
-        for r, e in zip(outcome.results, found, strict=True)
-    ]
-    usage = Usage(tokens=sum(r.tokens for r in results), chunks=sum(r.chunks for r in results))
-    return ClassifyResponse(id=f"cls-{rid}", model=model, results=results, usage=usage)

@@ -1,5 +1,5 @@
 """/v1/files: the OpenAI Files API for batch jobs (upload a JSONL file, read its metadata and
-content, delete it); also what the batch routes share: the jobs dependency and store errors.
+content, delete it); also what the batch routes share: the store dependency and its errors.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from service.errors import ApiError
-from service.jobs.schemas import FileDeleted, FileObject, file_object
-from service.jobs.store import (
-    JobStore,
+from service.jobs.records import (
     JobStoreError,
     QuotaExceededError,
     StateConflictError,
     UnknownObjectError,
     WrongFileError,
 )
+from service.jobs.schemas import FileDeleted, FileObject, file_object
+from service.jobs.store import JobStore
 from service.jobs.upload import receive_file
-from service.jobs.worker import JobWorker
-from service.routes.deps import ApiKeyDep, StateDep, api_key
+from service.routes.deps import ApiKeyDep, StateDep, api_key, unavailable
 from service.schemas import ERROR_RESPONSES
 from service.texts import SafeStr, content_disposition
 
@@ -31,25 +30,20 @@ CONTENT_PAGE = 1000  # lines per read while streaming a file's content, at most
 CONTENT_PAGE_BYTES = 256 * 1024  # and bytes per read (unless one line is longer)
 
 
-def jobs(state: StateDep) -> JobWorker:
-    """The jobs worker and its store; 503 until it has opened the database."""
-    worker = state.jobs
-    if worker is None or worker.store is None:
-        raise ApiError(
-            503, "batch jobs are not running yet", type="service_unavailable",
-            code="not_ready", reason="not_ready", headers={"Retry-After": "1"},
-        )  # fmt: skip
-    return worker
+def job_store(state: StateDep) -> JobStore:
+    """The app's job store; 503 until the lifespan has opened it and the worker runs."""
+    if state.store is None or state.jobs is None:
+        raise unavailable("batch jobs are not running yet", "not_ready")
+    return state.store
 
 
-JobsDep = Annotated[JobWorker, Depends(jobs)]
+StoreDep = Annotated[JobStore, Depends(job_store)]
 
 
-async def call(worker: JobWorker, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a store call off the event loop; its errors become 4xx responses."""
-    assert worker.db is not None
+async def call(store: JobStore, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a store call on the store's threads; its errors become 4xx responses."""
     try:
-        return await worker.db.run(fn, *args, **kwargs)
+        return await store.db.run(fn, *args, **kwargs)
     except UnknownObjectError as exc:
         raise ApiError(404, str(exc), code=f"{exc.kind}_not_found") from exc
     except StateConflictError as exc:
@@ -60,12 +54,6 @@ async def call(worker: JobWorker, fn: Callable[..., T], *args: Any, **kwargs: An
         raise ApiError(400, str(exc), code="invalid_input_file", reason="invalid") from exc
     except JobStoreError as exc:
         raise ApiError(400, str(exc), code="invalid_request", reason="invalid") from exc
-
-
-def store_of(worker: JobWorker) -> JobStore:
-    """The worker's store (the dependency has checked it is open)."""
-    assert worker.store is not None
-    return worker.store
 
 
 router = APIRouter(
@@ -97,29 +85,28 @@ _UPLOAD_BODY = {
 
 @router.post("/files", response_model=FileObject, openapi_extra=_UPLOAD_BODY)
 async def upload_file(
-    request: Request, worker: JobsDep, owner: ApiKeyDep, state: StateDep
+    request: Request, store: StoreDep, owner: ApiKeyDep, state: StateDep
 ) -> FileObject:
     """Upload a JSONL file of requests (purpose `batch`); it is stored as it streams in."""
-    record = await receive_file(request, store_of(worker), owner, state.settings)
+    record = await receive_file(request, store, owner, state.settings)
     return file_object(record)
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
-async def retrieve_file(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> FileObject:
+async def retrieve_file(file_id: SafeStr, store: StoreDep, owner: ApiKeyDep) -> FileObject:
     """A file's metadata."""
-    return file_object(await call(worker, store_of(worker).get_file, file_id, owner))
+    return file_object(await call(store, store.get_file, file_id, owner))
 
 
 @router.get("/files/{file_id}/content", response_class=StreamingResponse)
-async def file_content(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> StreamingResponse:
+async def file_content(file_id: SafeStr, store: StoreDep, owner: ApiKeyDep) -> StreamingResponse:
     """A file's bytes: an upload as it was sent, or a batch's output or error lines."""
-    store = store_of(worker)
-    record = await call(worker, store.get_file, file_id, owner)
+    record = await call(store, store.get_file, file_id, owner)
 
     async def pages() -> AsyncIterator[bytes]:
         after = 0
         while page := await call(
-            worker, store.read_content, record, after, CONTENT_PAGE, CONTENT_PAGE_BYTES
+            store, store.read_content, record, after, CONTENT_PAGE, CONTENT_PAGE_BYTES
         ):
             after = page[-1][0]
             yield "".join(text for _, text in page).encode()
@@ -129,7 +116,7 @@ async def file_content(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> S
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: SafeStr, worker: JobsDep, owner: ApiKeyDep) -> FileDeleted:
+async def delete_file(file_id: SafeStr, store: StoreDep, owner: ApiKeyDep) -> FileDeleted:
     """Delete a file; a batch already running from it goes on."""
-    await call(worker, store_of(worker).delete_file, file_id, owner)
+    await call(store, store.delete_file, file_id, owner)
     return FileDeleted(id=file_id, deleted=True)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.classifier import Classification
-from service.engine import ModelConfig
-from service.inputs import extract_inputs, extraction_info
-from service.mailtext import Extraction
+from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.routes.deps import ClassifierDep, StateDep, api_key, classify_texts, require_json
-from service.schemas import ERROR_RESPONSES, Moderation, ModerationRequest, ModerationResponse
+from service.responses import moderation_response
+from service.routes.caller import classify_for_caller
+from service.routes.deps import ClassifierDep, StateDep, api_key, require_json
+from service.schemas import ERROR_RESPONSES, ModerationRequest, ModerationResponse
 
 router = APIRouter(
     prefix="/v1",
@@ -33,34 +30,10 @@ async def moderations(
     """Moderate each input; the categories are the model's flag labels. Email and HTML inputs
     report what was extracted from them."""
     texts, extractions = await extract_inputs(body.texts(), body.input_format, state.settings)
-    outcome = await classify_texts(
+    outcome = await classify_for_caller(
         request, response, classifier, state.settings, texts,
         long_document=None, aggregation=None,
     )  # fmt: skip
     return moderation_response(
         outcome, classifier.config, state.model_name, request_id(request.scope), extractions
     )
-
-
-def moderation_response(
-    outcome: Classification,
-    config: ModelConfig,
-    model: str,
-    rid: str,
-    extractions: Sequence[Extraction | None] = (),
-) -> ModerationResponse:
-    """The response body for classified texts (batch-job lines share it)."""
-    results = []
-    found = list(extractions) or [None] * len(outcome.results)
-    for result, extraction in zip(outcome.results, found, strict=True):
-        scores = {label: result.scores[label] for label in config.flag_labels}
-        results.append(
-            Moderation(
-                flagged=result.flagged,
-                categories={label: s >= config.threshold for label, s in scores.items()},
-                category_scores=scores,
-                category_applied_input_types={label: ["text"] for label in scores},
-                extraction=extraction_info(extraction),
-            )
-        )
-    return ModerationResponse(id=f"modr-{rid}", model=model, results=results)

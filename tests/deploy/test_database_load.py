@@ -22,7 +22,8 @@ from service_testing import FAKE_CONFIG, make_settings, serving, train_tokenizer
 from sqlalchemy import Engine, event
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 
 LINES = 2_000
 TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+(linmod_\w+)", re.IGNORECASE)
@@ -76,7 +77,7 @@ async def test_statements_per_batch_line_on_postgresql(artifact: Path) -> None:
     phases: dict[str, StatementCounter] = {}
     with postgres_schema() as url:
         settings = make_settings(artifact, database_url=url, job_poll_s=0.05)
-        app = create_app(settings, engine=FakeEngine(ModelConfig.model_validate(FAKE_CONFIG)))
+        app = create_app(settings, engine=FakeEngine(ArtifactConfig.model_validate(FAKE_CONFIG)))
         async with serving(app) as client:
             with StatementCounter().counting() as phases["upload"]:
                 uploaded = await upload(client, content)

@@ -11,7 +11,8 @@ import pytest
 from service_testing import FAKE_CONFIG, ControlledEngine, make_settings, serving, train_tokenizer
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 
 
 @pytest.fixture(scope="session")
@@ -24,18 +25,18 @@ def fake_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def model_config() -> ModelConfig:
-    return ModelConfig.model_validate(FAKE_CONFIG)
+def model_config() -> ArtifactConfig:
+    return ArtifactConfig.model_validate(FAKE_CONFIG)
 
 
 @pytest.fixture
-def engine(model_config: ModelConfig) -> ControlledEngine:
+def engine(model_config: ArtifactConfig) -> ControlledEngine:
     return ControlledEngine(model_config)
 
 
 @pytest.fixture
 async def fake_client(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an app that serves the fake engine."""
     app = create_app(make_settings(fake_artifact), engine=FakeEngine(model_config))

@@ -6,16 +6,17 @@ from __future__ import annotations
 import sys
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.cli import settings_from_args
 from service.drain import serve
-from service.engine import FakeEngine, ModelConfig
+from service.engine import FakeEngine
 from service.logs import configure_logging
 
 
 def main(argv: list[str]) -> None:
     settings = settings_from_args(argv)
     configure_logging(settings.log_format, settings.log_level)
-    config = ModelConfig.model_validate_json((settings.model_dir / "config.json").read_text())
+    config = ArtifactConfig.model_validate_json((settings.model_dir / "config.json").read_text())
     serve(create_app(settings, engine=FakeEngine(config)), settings)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from fastapi import FastAPI
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from service.engine import FakeEngine, FloatArray, IntArray, ModelConfig
+from service.artifact import ArtifactConfig, FloatArray, IntArray
+from service.engine import FakeEngine
 from service.settings import Settings
 
 SENTENCES = [
@@ -64,7 +65,7 @@ def train_tokenizer(vocab_size: int = 300) -> Tokenizer:
 class ControlledEngine(FakeEngine):
     """A fake engine whose runs can be held at a gate, made to fail, and inspected."""
 
-    def __init__(self, config: ModelConfig, fail_if: Callable[[IntArray], bool] | None = None):
+    def __init__(self, config: ArtifactConfig, fail_if: Callable[[IntArray], bool] | None = None):
         super().__init__(config)
         self.gate = threading.Event()
         self.gate.set()

@@ -17,7 +17,8 @@ import pytest
 from service_testing import make_settings, serving, until
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 from service.state import get_state
 
 JSON = {"content-type": "application/json"}
@@ -25,7 +26,7 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture
 async def gated(
-    fake_artifact: Path, model_config: ModelConfig, request: pytest.FixtureRequest
+    fake_artifact: Path, model_config: ArtifactConfig, request: pytest.FixtureRequest
 ) -> AsyncIterator[tuple[httpx.AsyncClient, threading.Event, list[int]]]:
     """A client, a gate the tokenizer waits at (open), and the sizes it was called with."""
     overrides: dict[str, Any] = getattr(request, "param", {})
@@ -104,7 +105,7 @@ async def test_large_bodies_share_a_budget_before_parsing(gated: Any) -> None:
 
 
 async def test_twenty_concurrent_4mb_requests_are_refused_not_timed_out(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     """With the default limits, 4 MB bodies get 413 or 429 while a small client is served."""
     app = create_app(make_settings(fake_artifact), engine=FakeEngine(model_config))

@@ -11,9 +11,9 @@ import pytest
 from service_testing import ControlledEngine, make_settings, serving, until
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.batcher import Priority
 from service.classifier import Classification
-from service.engine import ModelConfig
 from service.state import ServiceState, get_state
 
 
@@ -121,7 +121,7 @@ async def test_shutdown_answers_what_is_in_flight(
 
 
 async def test_an_unexpected_error_is_a_json_500_without_traceback(
-    fake_artifact: Path, model_config: ModelConfig, monkeypatch: pytest.MonkeyPatch
+    fake_artifact: Path, model_config: ArtifactConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(make_settings(fake_artifact), engine=ControlledEngine(model_config))
     async with serving(app) as client:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from service_testing import ControlledEngine
 
+from service.artifact import ArtifactConfig, IntArray
 from service.batcher import (
     BatcherClosedError,
     BatcherConfig,
@@ -22,7 +23,6 @@ from service.batcher import (
     QueueFullError,
     SubmitResult,
 )
-from service.engine import IntArray, ModelConfig
 from service.metrics import Metrics
 
 LONG = 60.0  # a max-wait no test may ever sit out: reaching it fails the test by timeout
@@ -344,7 +344,7 @@ async def test_windows_must_fit_the_model(make: MakeBatcher) -> None:
     priorities=st.lists(st.sampled_from(Priority), min_size=12, max_size=12),
 )
 async def test_any_mix_respects_the_limits_and_returns_each_windows_logits(
-    model_config: ModelConfig,
+    model_config: ArtifactConfig,
     max_batch_size: int,
     max_batch_tokens: int,
     requests: list[list[int]],

@@ -10,13 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from service_testing import train_tokenizer
 
+from service.artifact import softmax
 from service.documents import (
     DocumentEncoder,
     DocumentTooLongError,
     EmptyDocumentError,
     aggregate,
     plan_document,
-    softmax,
     window_starts,
 )
 

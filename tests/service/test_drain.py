@@ -20,13 +20,13 @@ from sqlalchemy import create_engine, text
 from test_jobs_servers import assert_exactly_once, batch_file
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.drain import drain
-from service.engine import ModelConfig
 from service.state import get_state
 
 
 async def test_drain_refuses_new_work_and_waits_for_what_is_in_flight(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     engine = ControlledEngine(model_config)
     app = create_app(make_settings(fake_artifact, drain_grace_s=10), engine=engine)
@@ -53,7 +53,7 @@ async def test_drain_refuses_new_work_and_waits_for_what_is_in_flight(
 
 
 async def test_the_grace_period_bounds_the_wait(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     engine = ControlledEngine(model_config)
     app = create_app(make_settings(fake_artifact, drain_grace_s=0.2), engine=engine)

@@ -20,8 +20,9 @@ from service_testing import make_settings, serving
 from tokenizers import Tokenizer
 
 from service.app import create_app
-from service.documents import softmax, window_starts
-from service.engine import ModelConfig, OnnxEngine
+from service.artifact import ArtifactConfig, softmax
+from service.documents import window_starts
+from service.engine import OnnxEngine
 
 # The fixture trains and exports a model: slow by the marker's definition, even in process.
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ async def fp32_client(tiny_artifact: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_artifact: Path) -> tuple[OnnxEngine, Tokenizer, ModelConfig]:
+def reference(tiny_artifact: Path) -> tuple[OnnxEngine, Tokenizer, ArtifactConfig]:
     """The same model driven by hand: each window alone, no padding, no batching."""
     engine = OnnxEngine.load(tiny_artifact, device="cpu", precision="fp32")
     tokenizer = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
@@ -84,7 +85,7 @@ async def test_info_reports_the_real_runtime(fp32_client: httpx.AsyncClient) -> 
 
 
 async def test_single_and_list_match_the_model_run_by_hand(
-    fp32_client: httpx.AsyncClient, reference: tuple[OnnxEngine, Tokenizer, ModelConfig]
+    fp32_client: httpx.AsyncClient, reference: tuple[OnnxEngine, Tokenizer, ArtifactConfig]
 ) -> None:
     engine, tokenizer, config = reference
     texts = ["win a free prize now", "meeting moved to thursday", "lunch at noon?"]
@@ -102,7 +103,7 @@ async def test_single_and_list_match_the_model_run_by_hand(
 
 
 async def test_long_documents_chunk_truncate_reject(
-    fp32_client: httpx.AsyncClient, reference: tuple[OnnxEngine, Tokenizer, ModelConfig]
+    fp32_client: httpx.AsyncClient, reference: tuple[OnnxEngine, Tokenizer, ArtifactConfig]
 ) -> None:
     engine, tokenizer, config = reference
     n_max = config.n_max
@@ -161,7 +162,7 @@ async def test_moderations_create_through_the_openai_client(tiny_artifact: Path)
                 model="omni-moderation-latest", input=["hello", text_of(500, seed=2)]
             )
         classified = await classify(client, {"input": ["hello", text_of(500, seed=2)]})
-    config = ModelConfig.from_dir(tiny_artifact)
+    config = ArtifactConfig.from_dir(tiny_artifact)
     assert moderation.model == config.name and len(moderation.results) == 2
     for result, expected in zip(moderation.results, classified, strict=True):
         assert result.flagged == expected["flagged"]

@@ -18,7 +18,8 @@ from jobs_testing import jsonl, parse_lines, request_line, upload, wait_for
 from service_testing import make_settings, serving
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 from service.jobs import lifecycle
 from service.texts import check_text, clean_filename, text_problem
 
@@ -37,7 +38,7 @@ def raw(body: dict[str, Any]) -> bytes:
 
 @pytest.fixture
 async def client(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> AsyncIterator[httpx.AsyncClient]:
     settings = make_settings(fake_artifact, job_poll_s=0.01, job_claim_lines=8)
     async with serving(create_app(settings, engine=FakeEngine(model_config))) as c:

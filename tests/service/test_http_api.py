@@ -11,8 +11,9 @@ from openai import AsyncOpenAI
 from service_testing import ControlledEngine, make_settings, serving, until, wait_ready
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.batcher import Priority
-from service.engine import FakeEngine, ModelConfig
+from service.engine import FakeEngine
 from service.state import get_state
 
 LONG_TEXT = "Win a free prize now, click here to claim your reward! " * 30  # ~400 tokens
@@ -77,7 +78,7 @@ async def test_chunk_max_picks_the_most_flagged_window(fake_client: httpx.AsyncC
 
 
 async def test_moderations_through_the_openai_client(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     app = create_app(make_settings(fake_artifact), engine=FakeEngine(model_config))
     async with serving(app):
@@ -136,7 +137,7 @@ async def test_a_client_request_id_is_echoed(fake_client: httpx.AsyncClient) -> 
     assert odd.headers["x-request-id"] != "no spaces allowed"
 
 
-async def test_api_keys(fake_artifact: Path, model_config: ModelConfig) -> None:
+async def test_api_keys(fake_artifact: Path, model_config: ArtifactConfig) -> None:
     settings = make_settings(fake_artifact, api_keys="k1, k2")
     async with serving(create_app(settings, engine=FakeEngine(model_config))) as client:
         body = {"input": "hi"}
@@ -154,7 +155,7 @@ async def test_api_keys(fake_artifact: Path, model_config: ModelConfig) -> None:
             assert (await client.get(open_path)).status_code == 200
 
 
-async def test_not_ready_until_warm(fake_artifact: Path, model_config: ModelConfig) -> None:
+async def test_not_ready_until_warm(fake_artifact: Path, model_config: ArtifactConfig) -> None:
     engine = ControlledEngine(model_config)
     engine.gate.clear()  # warm-up blocks until the gate opens
     app = create_app(make_settings(fake_artifact), engine=engine)

@@ -14,8 +14,9 @@ import pytest
 from service_testing import ControlledEngine, make_settings, serving, until
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.cli import settings_from_args
-from service.engine import FakeEngine, ModelConfig
+from service.engine import FakeEngine
 from service.settings import Settings
 from service.state import get_state
 
@@ -26,7 +27,7 @@ Serve = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
 
 
 @pytest.fixture
-def keyed(fake_artifact: Path, model_config: ModelConfig) -> Serve:
+def keyed(fake_artifact: Path, model_config: ArtifactConfig) -> Serve:
     """Serve an app with the key k1 and these settings."""
 
     def make(**overrides: object) -> AbstractAsyncContextManager[httpx.AsyncClient]:
@@ -120,7 +121,7 @@ async def test_method_labels_come_from_a_fixed_set(fake_client: httpx.AsyncClien
 
 
 async def test_ready_hides_the_warm_up_error(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     engine = ControlledEngine(model_config, fail_if=lambda ids: True)
     app = create_app(make_settings(fake_artifact), engine=engine)

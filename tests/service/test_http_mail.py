@@ -16,7 +16,8 @@ from jobs_testing import jsonl, parse_lines, upload, wait_for
 from service_testing import make_settings, serving
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 
 MAIL = {"content-type": "message/rfc822"}
 
@@ -179,7 +180,7 @@ BAD_MAIL = [
 @pytest.mark.parametrize(("raw", "status", "code", "fragment"), BAD_MAIL)
 async def test_limits_and_bad_mail_are_clear_4xx_and_the_server_keeps_serving(
     fake_artifact: Path,
-    model_config: ModelConfig,
+    model_config: ArtifactConfig,
     raw: bytes,
     status: int,
     code: str,
@@ -237,7 +238,7 @@ async def test_openapi_documents_the_formats_and_the_raw_message_body(
 
 
 async def test_batch_lines_take_an_input_format(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     raw = _message().decode()
     bodies: list[Any] = [

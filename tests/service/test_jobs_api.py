@@ -19,9 +19,10 @@ from service_testing import ControlledEngine, make_settings, serving, until
 from sqlalchemy import create_engine, text
 
 from service.app import create_app
+from service.artifact import ArtifactConfig
 from service.batcher import Priority
 from service.documents import DocumentEncoder
-from service.engine import FakeEngine, ModelConfig
+from service.engine import FakeEngine
 from service.jobs.client import run_batch
 from service.state import get_state
 
@@ -30,7 +31,7 @@ LONG_TEXT = "Win a free prize now, click here to claim your reward! " * 30  # ~4
 
 
 @pytest.fixture
-def jobs_client(fake_artifact: Path, model_config: ModelConfig) -> Callable[..., Any]:
+def jobs_client(fake_artifact: Path, model_config: ArtifactConfig) -> Callable[..., Any]:
     """Make an app serving batch jobs (fake engine unless given) and yield a client of it."""
 
     @asynccontextmanager
@@ -169,7 +170,9 @@ async def test_lines_answer_as_the_endpoint_would(jobs_client: Callable[..., Any
             assert without_ids(by_id[f"c{i}"]["body"]) == without_ids(direct.json()), body
 
 
-async def test_the_openai_client_end_to_end(fake_artifact: Path, model_config: ModelConfig) -> None:
+async def test_the_openai_client_end_to_end(
+    fake_artifact: Path, model_config: ArtifactConfig
+) -> None:
     engine = ControlledEngine(model_config)
     app = create_app(make_settings(fake_artifact, warmup=False, **FAST), engine=engine)
     async with serving(app):
@@ -300,7 +303,7 @@ async def test_bad_input_is_a_clear_4xx_and_nothing_is_lost(
 
 
 async def test_refused_uploads_leave_no_rows(
-    fake_artifact: Path, model_config: ModelConfig, tmp_path: Path
+    fake_artifact: Path, model_config: ArtifactConfig, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     settings = make_settings(fake_artifact, database_url=url, job_max_file_lines=5, **FAST)
@@ -360,7 +363,7 @@ async def test_old_batches_and_files_are_deleted(jobs_client: Callable[..., Any]
 
 
 async def test_a_batch_past_its_window_expires(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     engine = ControlledEngine(model_config)
     app = create_app(make_settings(fake_artifact, warmup=False, **FAST), engine=engine)
@@ -387,7 +390,7 @@ async def test_a_batch_past_its_window_expires(
 
 
 async def test_shutdown_hands_unfinished_lines_back(
-    fake_artifact: Path, model_config: ModelConfig, tmp_path: Path
+    fake_artifact: Path, model_config: ArtifactConfig, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     engine = ControlledEngine(model_config)
@@ -419,7 +422,7 @@ async def test_shutdown_hands_unfinished_lines_back(
 
 
 async def test_the_cli_client_runs_a_batch(
-    fake_artifact: Path, model_config: ModelConfig, tmp_path: Path
+    fake_artifact: Path, model_config: ArtifactConfig, tmp_path: Path
 ) -> None:
     app = create_app(make_settings(fake_artifact, **FAST), engine=FakeEngine(model_config))
     source = tmp_path / "mail.jsonl"
@@ -436,7 +439,7 @@ async def test_the_cli_client_runs_a_batch(
 
 
 async def test_interactive_requests_overtake_a_running_job(
-    fake_artifact: Path, model_config: ModelConfig
+    fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
     engine = ControlledEngine(model_config)
     settings = make_settings(

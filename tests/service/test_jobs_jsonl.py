@@ -15,7 +15,8 @@ from jobs_testing import request_line
 from service_testing import make_settings, serving
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 from service.jobs.jsonl import FileRejectedError, JsonlSplitter, LineValidator
 
 
@@ -88,7 +89,7 @@ def test_request_lines_are_parsed_or_refused_with_a_reason() -> None:
 
 
 async def test_an_upload_streams_to_the_store_in_bounded_memory(
-    fake_artifact: Path, model_config: ModelConfig, tmp_path: Path
+    fake_artifact: Path, model_config: ArtifactConfig, tmp_path: Path
 ) -> None:
     settings = make_settings(fake_artifact, database_url=f"sqlite:///{tmp_path / 'jobs.db'}")
     app = create_app(settings, engine=FakeEngine(model_config))

@@ -17,7 +17,8 @@ from jobs_testing import jsonl, request_line, upload
 from service_testing import make_settings, serving
 
 from service.app import create_app
-from service.engine import FakeEngine, ModelConfig
+from service.artifact import ArtifactConfig
+from service.engine import FakeEngine
 from service.jobs.db import Database
 from service.jobs.store import JobStore
 from service.texts import content_disposition
@@ -26,7 +27,7 @@ LINE = jsonl([request_line("a", "hello")])
 
 
 @pytest.fixture
-def jobs_app(fake_artifact: Path, model_config: ModelConfig) -> Callable[..., Any]:
+def jobs_app(fake_artifact: Path, model_config: ArtifactConfig) -> Callable[..., Any]:
     @asynccontextmanager
     async def make(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
         settings = make_settings(fake_artifact, **overrides)

@@ -16,7 +16,8 @@ from sqlalchemy import select
 from service.jobs.claims import MAX_ATTEMPTS, LineClaims, LineResult
 from service.jobs.db import Database, batch_lines, files
 from service.jobs.lifecycle import BatchLifecycle
-from service.jobs.store import JobStore, StateConflictError, UnknownObjectError, WrongFileError
+from service.jobs.records import StateConflictError, UnknownObjectError, WrongFileError
+from service.jobs.store import JobStore
 
 LEASE = 10.0
 DAY = 24 * 3600.0

@@ -1,0 +1,76 @@
+"""What /v1/classify and /v1/moderations answer, wherever a request is served (a route, or a
+batch-job line): the request limits and the response bodies. Routes and jobs both import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service.artifact import ArtifactConfig
+from service.classifier import Classification
+from service.errors import ApiError
+from service.inputs import extraction_info
+from service.mailtext import Extraction
+from service.schemas import (
+    ClassifyResponse,
+    ClassifyResult,
+    Moderation,
+    ModerationResponse,
+    Usage,
+)
+from service.settings import Settings
+
+
+def check_limits(texts: Sequence[str], settings: Settings) -> None:
+    """413 for too many inputs or a text over the character cap (which guards the tokenizer)."""
+    if len(texts) > settings.max_inputs:
+        raise ApiError(
+            413, f"{len(texts)} inputs is over the limit of {settings.max_inputs} per request",
+            code="too_many_inputs", reason="too_large",
+        )  # fmt: skip
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_chars:
+            raise ApiError(
+                413, f"input[{i}] has {len(text)} characters, over the limit of "
+                f"{settings.max_chars}", code="input_too_long", reason="too_large",
+            )  # fmt: skip
+
+
+def classify_response(
+    outcome: Classification,
+    model: str,
+    rid: str,
+    extractions: Sequence[Extraction | None] = (),
+) -> ClassifyResponse:
+    """The response body for classified texts (batch-job lines share it)."""
+    found = list(extractions) or [None] * len(outcome.results)
+    results = [
+        ClassifyResult(**vars(r), extraction=extraction_info(e))
+        for r, e in zip(outcome.results, found, strict=True)
+    ]
+    usage = Usage(tokens=sum(r.tokens for r in results), chunks=sum(r.chunks for r in results))
+    return ClassifyResponse(id=f"cls-{rid}", model=model, results=results, usage=usage)
+
+
+def moderation_response(
+    outcome: Classification,
+    config: ArtifactConfig,
+    model: str,
+    rid: str,
+    extractions: Sequence[Extraction | None] = (),
+) -> ModerationResponse:
+    """The response body for classified texts (batch-job lines share it)."""
+    results = []
+    found = list(extractions) or [None] * len(outcome.results)
+    for result, extraction in zip(outcome.results, found, strict=True):
+        scores = {label: result.scores[label] for label in config.flag_labels}
+        results.append(
+            Moderation(
+                flagged=result.flagged,
+                categories={label: s >= config.threshold for label, s in scores.items()},
+                category_scores=scores,
+                category_applied_input_types={label: ["text"] for label in scores},
+                extraction=extraction_info(extraction),
+            )
+        )
+    return ModerationResponse(id=f"modr-{rid}", model=model, results=results)
