@@ -30,10 +30,10 @@ from model.data import DataError, read_manifest, read_split
 from model.linformer import LinformerClassifier
 from model.tokenizer import MASK_ID, PAD_ID, encode
 from model.training import (
+    finish_run,
     make_optimizer,
     make_schedule,
     plan_steps,
-    provenance,
     run_command,
     run_epoch,
     setup,
@@ -197,26 +197,17 @@ def pretrain(
         "wall_seconds": round(time.time() - started, 1),
         "documents": len(seqs),
         "final_mlm_loss": history[-1]["mlm_loss"],
-        **provenance(manifest),
     }
-    (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(out_dir, manifest, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
+    done = "done in {wall_seconds} s; masked-LM loss {final_mlm_loss:.3f}; fine-tune with "
+    done += "linmod-train --init {out}"
     return run_command(
-        argv,
-        prog="linmod-pretrain",
-        description=__doc__,
-        config_cls=PretrainConfig,
-        run=pretrain,
-        done=lambda summary, out: (
-            f"done in {summary['wall_seconds']} s; masked-LM loss "
-            f"{summary['final_mlm_loss']:.3f}; fine-tune with linmod-train --init {out}"
-        ),
-        pooling=False,
-        out_help="pre-training run directory",
-    )
+        argv, "linmod-pretrain", PretrainConfig, pretrain, done,
+        description=__doc__, pooling=False, out_help="pre-training run directory",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

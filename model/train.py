@@ -28,12 +28,12 @@ from model.training import (
     consider_average,
     encode_split,
     evaluate_split,
+    finish_run,
     load_teacher,
     make_optimizer,
     make_schedule,
     parse_group_values,
     plan_steps,
-    provenance,
     run_command,
     run_epoch,
     selection_score,
@@ -230,23 +230,13 @@ def train(
         "wall_seconds": round(time.time() - started, 1),
         "train_documents": len(x_train),
         "train_tokens_per_epoch": sum(lengths),
-        **provenance(manifest),
     }
-    (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(out_dir, manifest, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(
-        argv,
-        prog="linmod-train",
-        description=__doc__,
-        config_cls=TrainConfig,
-        run=train,
-        done=lambda summary, out: (
-            f"done in {summary['wall_seconds']} s; best epoch {summary['best_epoch']}; run in {out}"
-        ),
-    )
+    done = "done in {wall_seconds} s; best epoch {best_epoch}; run in {out}"
+    return run_command(argv, "linmod-train", TrainConfig, train, done, description=__doc__)
 
 
 if __name__ == "__main__":

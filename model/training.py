@@ -314,15 +314,18 @@ def consider_average(
     return {**kept, "averaged": averaged}
 
 
-def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The data, code, machine and date every run.json ends with."""
-    return {
+def finish_run(out_dir: Path, manifest: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """The run's summary and where it came from (data, code, machine, date), as run.json."""
+    summary = {
+        **summary,
         "data_sha256": manifest.get("sha256"),
         "data_source": manifest.get("source"),
         "code_version": code_version(),
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d"),
     }
+    (out_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def add_model_args(p: argparse.ArgumentParser, pooling: bool = True) -> tuple[str, ...]:
@@ -357,17 +360,18 @@ def dataclass_from_args(cls: type[Any], args: argparse.Namespace) -> Any:
 
 def run_command(
     argv: list[str] | None,
-    *,
     prog: str,
-    description: str | None,
     config_cls: type[Any],
     run: Callable[..., dict[str, Any]],
-    done: Callable[[dict[str, Any], Path], str],
+    done: str,
+    *,
+    description: str | None = None,
     pooling: bool = True,
     out_help: str = "run directory",
 ) -> int:
-    """A training command: --data, --out, the model sizes and the config's fields; calls
-    run(data, out, model_config, config, progress=...) and prints done(summary, out)."""
+    """A training command: --data, --out, the model sizes and the config's fields. Calls
+    run(data, out, model_config, config, progress=...), then prints `done` formatted with the
+    summary's keys and `out`."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--data", type=Path, required=True, help="directory written by linmod-data")
     p.add_argument("--out", type=Path, required=True, help=out_help)
@@ -382,5 +386,5 @@ def run_command(
     except (DataError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(done(summary, args.out))
+    print(done.format(**summary, out=args.out))
     return 0
