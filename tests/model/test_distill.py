@@ -24,7 +24,9 @@ def test_teacher_logits_cover_the_split_and_are_the_checkpoints_own(
     tiny_run: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "teacher.json"
-    assert distill_main(["--teacher", str(tiny_run), "--data", str(tiny_data), "--out", str(out)]) == 0
+    assert (
+        distill_main(["--teacher", str(tiny_run), "--data", str(tiny_data), "--out", str(out)]) == 0
+    )
     record = json.loads(out.read_text())
     examples = read_split(tiny_data, "train")
     assert set(record["logits"]) == {e.id for e in examples}
