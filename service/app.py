@@ -97,6 +97,7 @@ async def start(state: ServiceState, engine: Engine | None) -> None:
         encoder, state.batcher, state.metrics, config,
         chunk_overlap=overlap, aggregation=s.chunk_aggregation,
         tokenizer_threads=s.tokenizer_threads, max_tokenize_chars=s.max_tokenize_chars,
+        evidence_segments=s.evidence_segments,
     )  # fmt: skip
     state.metrics.set_model(config.name, config.version, engine.provider, engine.precision)
     log.info(

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -18,8 +19,18 @@ from service.admission import CharGate
 from service.artifact import ArtifactConfig, IntArray, softmax
 from service.batcher import DeadlineExceededError, DynamicBatcher, Priority, QueueFullError
 from service.documents import DocumentEncoder, aggregate, plan_document
+from service.evidence import (
+    EvidenceItem,
+    Span,
+    evidence_items,
+    segment_spans,
+    token_ends,
+    window_spans,
+)
 from service.metrics import Metrics
 from service.settings import Aggregation, LongDocumentPolicy
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class DocumentResult:
     tokens: int
     chunks: int
     truncated: bool
+    evidence: list[EvidenceItem] | None = None  # when asked for: every span, most flagged first
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class Classification:
     tokenize_s: float
     queue_s: float
     inference_s: float
+    evidence_windows: int = 0  # finer (paragraph, sentence) windows run besides the model's own
+    evidence_tokens: int = 0  # and their tokens
 
 
 class Classifier:
@@ -59,6 +73,7 @@ class Classifier:
         aggregation: Aggregation = "max",
         tokenizer_threads: int = 2,
         max_tokenize_chars: int = 1_000_000,
+        evidence_segments: int = 16,
     ) -> None:
         if not 0 <= chunk_overlap < config.n_max:
             raise ValueError(f"chunk_overlap must be below n_max={config.n_max}")
@@ -68,6 +83,7 @@ class Classifier:
         self.config = config
         self.chunk_overlap = chunk_overlap
         self.aggregation = aggregation
+        self.evidence_segments = evidence_segments
         self._flags = config.flag_indices
         self._executor = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="linmod-tokenize")
         self.gate = CharGate(max_tokenize_chars)
@@ -81,13 +97,22 @@ class Classifier:
         priority: Priority = Priority.INTERACTIVE,
         deadline: float | None = None,
         wait_for_room: bool = False,
+        evidence: bool = False,
     ) -> Classification:
         """Classify texts; raises DocumentError subclasses and the batcher's errors, with
-        QueueFullError when the tokenizer's budget is taken and `wait_for_room` is false."""
+        QueueFullError when the tokenizer's budget is taken and `wait_for_room` is false.
+        With `evidence`, each result lists its windows' character spans and scores, and a
+        one-window text its paragraphs' or sentences', run in the same batch."""
         start = time.perf_counter()
         try:
             async with asyncio.timeout_at(deadline):
-                ids = await self._tokenize(texts, wait_for_room)
+                if evidence:
+                    encoded = await self._tokenize(
+                        texts, wait_for_room, self._encoder.encode_offsets
+                    )
+                    ids = [doc for doc, _ in encoded]
+                else:
+                    ids = await self._tokenize(texts, wait_for_room, self._encoder.encode)
         except TimeoutError:
             self._metrics.rejections.labels("deadline").inc()
             raise DeadlineExceededError(
@@ -102,22 +127,46 @@ class Classifier:
             for i, doc in enumerate(ids)
         ]
         windows = [w for plan in plans for w in plan.windows]
+        spans: list[list[Span]] = []
+        finer: list[IntArray] = []
+        if evidence:
+            for plan, text, (doc, offsets) in zip(plans, texts, encoded, strict=True):
+                ends = token_ends(offsets, len(text))
+                doc_spans = window_spans(ends, n_max, self.chunk_overlap, truncated=plan.truncated)
+                if len(doc_spans) == 1 and not plan.truncated:
+                    segments = segment_spans(text, ends, self.evidence_segments)
+                    finer.extend(doc[s.token_start : s.token_end] for s in segments)
+                    doc_spans += segments
+                spans.append(doc_spans)
         submitted = await self._batcher.submit(
-            windows, priority=priority, deadline=deadline, wait_for_room=wait_for_room
+            windows + finer, priority=priority, deadline=deadline, wait_for_room=wait_for_room
         )
         probs = softmax(submitted.logits)
         how = aggregation or self.aggregation
-        results, offset = [], 0
-        for plan in plans:
+        results, offset, extra = [], 0, len(windows)
+        for i, plan in enumerate(plans):
             n = len(plan.windows)
             doc_probs = aggregate(probs[offset : offset + n], self._flags, how)
+            found = None
+            if evidence:
+                k = len(spans[i]) - n
+                rows = np.concatenate([probs[offset : offset + n], probs[extra : extra + k]])
+                extra += k
+                found = evidence_items(
+                    spans[i], rows, self.config.labels, self._flags, self.config.threshold
+                )
             offset += n
-            results.append(self._result(doc_probs, plan.tokens, n, plan.truncated))
+            results.append(self._result(doc_probs, plan.tokens, n, plan.truncated, found))
         self._metrics.documents.inc(len(plans))
         self._metrics.chunks.inc(len(windows))
-        return Classification(results, tokenize_s, submitted.queue_s, submitted.inference_s)
+        return Classification(
+            results, tokenize_s, submitted.queue_s, submitted.inference_s,
+            evidence_windows=len(finer), evidence_tokens=sum(int(w.size) for w in finer),
+        )  # fmt: skip
 
-    async def _tokenize(self, texts: Sequence[str], wait_for_room: bool) -> list[IntArray]:
+    async def _tokenize(
+        self, texts: Sequence[str], wait_for_room: bool, encode: Callable[[Sequence[str]], list[T]]
+    ) -> list[T]:
         """Token ids, once the texts' characters fit the tokenizer's budget; they are held until
         the thread has finished, even when the caller has gone, so the budget bounds real work."""
         chars = sum(len(t) for t in texts)
@@ -139,19 +188,24 @@ class Classifier:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.gate.budget.release, chars)
 
-        future = self._executor.submit(self._encoder.encode, texts)
+        future = self._executor.submit(encode, texts)
         future.add_done_callback(finished)
         return await asyncio.wrap_future(future)
 
     def _result(
-        self, probs: np.ndarray, tokens: int, chunks: int, truncated: bool
+        self,
+        probs: np.ndarray,
+        tokens: int,
+        chunks: int,
+        truncated: bool,
+        evidence: list[EvidenceItem] | None = None,
     ) -> DocumentResult:
         labels = self.config.labels
         best = int(probs.argmax())
         flagged = bool(probs[self._flags].max() >= self.config.threshold)
         scores = {label: float(p) for label, p in zip(labels, probs, strict=True)}
         return DocumentResult(
-            labels[best], float(probs[best]), scores, flagged, tokens, chunks, truncated
+            labels[best], float(probs[best]), scores, flagged, tokens, chunks, truncated, evidence
         )
 
     def close(self) -> None:

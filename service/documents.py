@@ -58,6 +58,12 @@ class DocumentEncoder:
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[IntArray, list[tuple[int, int]]]]:
+        """Token ids of each text and each token's character offsets in it (slower than
+        `encode`: the tokenizer tracks alignments)."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [(np.asarray(e.ids, dtype=np.int64), e.offsets) for e in encodings]
+
 
 def window_starts(length: int, n_max: int, overlap: int) -> list[int]:
     """Starts of n_max-token windows covering `length` tokens, neighbours sharing >= overlap.

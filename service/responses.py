@@ -14,6 +14,7 @@ from service.mailtext import Extraction
 from service.schemas import (
     ClassifyResponse,
     ClassifyResult,
+    Evidence,
     Moderation,
     ModerationResponse,
     Usage,
@@ -42,13 +43,23 @@ def classify_response(
     rid: str,
     extractions: Sequence[Extraction | None] = (),
 ) -> ClassifyResponse:
-    """The response body for classified texts (batch-job lines share it)."""
+    """The response body for classified texts (batch-job lines share it); with evidence, an
+    extraction carries its text, which the evidence offsets index."""
     found = list(extractions) or [None] * len(outcome.results)
-    results = [
-        ClassifyResult(**vars(r), extraction=extraction_info(e))
-        for r, e in zip(outcome.results, found, strict=True)
-    ]
+    results = []
+    for r, e in zip(outcome.results, found, strict=True):
+        extraction = extraction_info(e)
+        evidence = None
+        if r.evidence is not None:
+            evidence = [Evidence(**vars(item)) for item in r.evidence]
+            if extraction is not None and e is not None:
+                extraction.text = e.text
+        fields = {**vars(r), "evidence": evidence}
+        results.append(ClassifyResult(**fields, extraction=extraction))
     usage = Usage(tokens=sum(r.tokens for r in results), chunks=sum(r.chunks for r in results))
+    if any(r.evidence is not None for r in results):
+        usage.evidence_windows = outcome.evidence_windows
+        usage.evidence_tokens = outcome.evidence_tokens
     return ClassifyResponse(id=f"cls-{rid}", model=model, results=results, usage=usage)
 
 

@@ -66,6 +66,12 @@ class ClassifyRequest(_Strict):
         None, description="how chunk scores combine: max or mean (server default)"
     )
     input_format: InputFormat = Field("text", description=INPUT_FORMAT_DESCRIPTION)
+    return_evidence: bool = Field(
+        False,
+        description="also return, per text, every window's character span [start, end) and "
+        "scores, most flagged first; a text of one window gets its paragraphs (or sentences) "
+        "scored too, as extra windows of the same engine run (counted in usage)",
+    )
 
 
 class MimePartInfo(BaseModel):
@@ -90,6 +96,26 @@ class ExtractionInfo(BaseModel):
     warnings: list[str] = Field(
         description="what was malformed or guessed (charsets, boundaries, base64)"
     )
+    text: str | None = Field(
+        None,
+        description="with return_evidence: the extracted text, which evidence offsets index",
+        exclude_if=lambda value: value is None,
+    )
+
+
+class Evidence(BaseModel):
+    """A span of the text and the model's verdict on it alone."""
+
+    kind: Literal["window", "paragraph", "sentence"] = Field(
+        description="window: one the model read the text by (chunks); paragraph or sentence: a "
+        "finer span of a one-window text"
+    )
+    start: int = Field(description="first character (Python string index, code points)")
+    end: int = Field(description="one past the last character: text[start:end] is the span")
+    tokens: int = Field(description="tokens in the span")
+    score: float = Field(description="its highest flag-label probability (the sort key)")
+    scores: dict[str, float] = Field(description="probability of every label")
+    flagged: bool = Field(description="score reached the model's threshold")
 
 
 class ClassifyResult(BaseModel):
@@ -107,6 +133,12 @@ class ClassifyResult(BaseModel):
         description="for email and HTML inputs: what was extracted (absent for text)",
         exclude_if=lambda value: value is None,
     )
+    evidence: list[Evidence] | None = Field(
+        None,
+        description="with return_evidence: every span, highest flag score first; offsets index "
+        "the input as sent or, for email and HTML, extraction.text",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class Usage(BaseModel):
@@ -114,6 +146,16 @@ class Usage(BaseModel):
 
     tokens: int
     chunks: int
+    evidence_windows: int | None = Field(
+        None,
+        description="with return_evidence: finer windows run besides the chunks",
+        exclude_if=lambda value: value is None,
+    )
+    evidence_tokens: int | None = Field(
+        None,
+        description="with return_evidence: tokens of those finer windows",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class ClassifyResponse(BaseModel):

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     chunk_aggregation: Aggregation = Field(
         "max", description="max: the window with the highest flag score; mean: mean probabilities"
     )
+    evidence_segments: int = Field(
+        16,
+        ge=1,
+        description="with return_evidence, a one-window text's paragraphs (else sentences) are "
+        "scored as at most this many extra windows",
+    )
 
     # Request limits
     max_chars: int = Field(250_000, ge=1, description="characters per input text (then 413)")

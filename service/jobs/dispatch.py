@@ -21,14 +21,17 @@ from service.state import ServiceState
 
 def _parse(
     endpoint: str, body: Any
-) -> tuple[list[str], InputFormat, LongDocumentPolicy | None, Aggregation | None]:
+) -> tuple[list[str], InputFormat, LongDocumentPolicy | None, Aggregation | None, bool]:
     # from_attributes as FastAPI validates bodies, so error messages match the route's.
     if endpoint == "/v1/moderations":
         moderation = ModerationRequest.model_validate(body, from_attributes=True)
-        return moderation.texts(), moderation.input_format, None, None
+        return moderation.texts(), moderation.input_format, None, None, False
     request = ClassifyRequest.model_validate(body, from_attributes=True)
     texts = [request.input] if isinstance(request.input, str) else request.input
-    return texts, request.input_format, request.long_document, request.aggregation
+    return (
+        texts, request.input_format, request.long_document, request.aggregation,
+        request.return_evidence,
+    )  # fmt: skip
 
 
 async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> tuple[int, Any]:
@@ -39,7 +42,9 @@ async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> t
     if classifier is None:
         raise BatcherClosedError("the classifier is not running")
     try:
-        inputs, input_format, long_document, aggregation = _parse(endpoint, json.loads(body))
+        inputs, input_format, long_document, aggregation, evidence = _parse(
+            endpoint, json.loads(body)
+        )
         texts, extractions = await extract_inputs(inputs, input_format, settings)
         check_limits(texts, settings)
         outcome = await classifier.classify(
@@ -48,6 +53,7 @@ async def dispatch(state: ServiceState, endpoint: str, body: str, rid: str) -> t
             aggregation=aggregation,
             priority=Priority.BATCH,
             wait_for_room=True,
+            evidence=evidence,
         )
     except ValidationError as exc:
         return _answer(validation_error(exc.errors()))

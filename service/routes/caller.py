@@ -32,6 +32,7 @@ async def classify_for_caller(
     *,
     long_document: LongDocumentPolicy | None,
     aggregation: Aggregation | None,
+    evidence: bool = False,
 ) -> Classification:
     """Classify for an HTTP caller: limits, deadline, disconnects, errors and timing headers."""
     check_limits(texts, settings)
@@ -43,6 +44,7 @@ async def classify_for_caller(
             long_document=long_document or settings.long_document,
             aggregation=aggregation,
             deadline=deadline,
+            evidence=evidence,
         )
     )
     gone = asyncio.ensure_future(_disconnected(request))

@@ -90,6 +90,9 @@ async def classify(
     aggregation: Annotated[
         Aggregation | None, Query(description="message/rfc822 bodies only: see the JSON field")
     ] = None,
+    return_evidence: Annotated[
+        bool, Query(description="message/rfc822 bodies only: see the JSON field")
+    ] = False,
 ) -> ClassifyResponse:
     """Classify each text, or a raw message; texts over n_max tokens are chunked, truncated or
     refused. Email and HTML inputs report what was extracted from them."""
@@ -102,15 +105,15 @@ async def classify(
             raise ApiError(422, "the message body is empty", code="empty", reason="invalid")
         items, input_format = [raw], "email"
     elif media == "application/json" or media.endswith("+json"):
-        if long_document is not None or aggregation is not None:
+        if long_document is not None or aggregation is not None or return_evidence:
             raise ApiError(
                 422, "query parameters are for message/rfc822 bodies; put the options in the "
                 "JSON body", code="invalid_input", reason="invalid",
             )  # fmt: skip
         body = await _json_request(request)
         items = [body.input] if isinstance(body.input, str) else body.input
-        input_format, long_document, aggregation = (
-            body.input_format, body.long_document, body.aggregation,
+        input_format, long_document, aggregation, return_evidence = (
+            body.input_format, body.long_document, body.aggregation, body.return_evidence,
         )  # fmt: skip
     else:
         declared = request.headers.get("content-type", "")
@@ -121,6 +124,6 @@ async def classify(
     texts, extractions = await extract_inputs(items, input_format, state.settings)
     outcome = await classify_for_caller(
         request, response, classifier, state.settings, texts,
-        long_document=long_document, aggregation=aggregation,
+        long_document=long_document, aggregation=aggregation, evidence=return_evidence,
     )  # fmt: skip
     return classify_response(outcome, state.model_name, request_id(request.scope), extractions)
