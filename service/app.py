@@ -13,13 +13,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import __version__
-from service.artifact import TOKENIZER_FILE
 from service.auth import ApiKeyMiddleware
-from service.batcher import BatcherConfig, DynamicBatcher
-from service.classifier import Classifier
-from service.documents import DocumentEncoder
 from service.drain import InflightMiddleware
-from service.engine import Engine, EngineError, OnnxEngine, warmup, warmup_shapes
+from service.engine import Engine, EngineError
 from service.errors import install_error_handlers
 from service.jobs.store import open_store
 from service.jobs.upload import UPLOAD_OVERHEAD
@@ -30,7 +26,8 @@ from service.middleware import (
     BodyLimitMiddleware,
     RequestContextMiddleware,
 )
-from service.routes import batches, classify, files, moderations, ops
+from service.models import ModelRegistry, model_dirs
+from service.routes import batches, classify, files, models, moderations, ops, playground
 from service.settings import Settings, get_settings
 from service.state import BackgroundService, ServiceState, get_state
 
@@ -40,24 +37,14 @@ CLASSIFY_PATHS = frozenset({"/v1/classify", "/v1/moderations"})
 SMALL_BODY_BYTES = 64 * 1024  # bodies up to this size skip the in-flight bytes budget
 
 
-def _load_engine(settings: Settings) -> Engine:
-    return OnnxEngine.load(
-        settings.model_dir,
-        device=settings.device,
-        precision=settings.precision,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-    )
-
-
 async def _warm_up(state: ServiceState) -> None:
-    assert state.engine is not None
-    s = state.settings
+    models = state.models
+    assert models is not None
     try:
-        if s.warmup:
-            shapes = warmup_shapes(state.engine.config.n_max, s.max_batch_tokens, s.max_batch_size)
-            state.warmup_s = await asyncio.to_thread(warmup, state.engine, shapes)
-            log.info("warm-up done", extra={"seconds": round(state.warmup_s, 3), "shapes": shapes})
+        seconds = 0.0
+        for model in list(models.models.values()):
+            seconds += await asyncio.to_thread(models.warm, model)
+        state.warmup_s = seconds
     except Exception as exc:
         # /ready stays 503 and says why; the process lives on so the reason can be read.
         state.startup_error = f"warm-up failed: {exc}"
@@ -66,55 +53,41 @@ async def _warm_up(state: ServiceState) -> None:
     state.ready = True
 
 
+def _follow_default(state: ServiceState) -> None:
+    """Keep state.engine, batcher and classifier on the default model (for /info and jobs)."""
+    assert state.models is not None
+    default = state.models.models.get(state.models.default_id)
+    if default is not None:
+        state.engine, state.batcher = default.engine, default.batcher
+        state.classifier = default.classifier
+
+
 async def start(state: ServiceState, engine: Engine | None) -> None:
-    """Load (unless given) the engine, then start the batcher and classifier."""
+    """Load every model (the first from `engine` when given) and start their batchers."""
     s = state.settings
-    if engine is None:
-        engine = await asyncio.to_thread(_load_engine, s)
-    state.engine = engine
-    config = engine.config
-    try:
-        encoder = DocumentEncoder.from_file(s.model_dir / TOKENIZER_FILE)
-    except Exception as exc:  # tokenizers raises plain Exceptions
-        raise EngineError(f"cannot load {s.model_dir / TOKENIZER_FILE}: {exc}") from exc
-    # The default matches how the model's evaluation scores long documents.
-    overlap = s.chunk_overlap if s.chunk_overlap is not None else min(256, config.n_max // 4)
-    if overlap >= config.n_max:
-        raise EngineError(f"chunk_overlap={overlap} must be below the model's n_max={config.n_max}")
-    batching = BatcherConfig(
-        max_batch_tokens=max(s.max_batch_tokens, config.n_max),  # a full window must fit
-        max_batch_size=s.max_batch_size,
-        max_wait_s=s.max_wait_ms / 1000,
-        max_queue_items=s.max_queue_items,
-        max_queue_tokens=s.max_queue_tokens,
-        max_job_items=s.max_job_items,
-        min_batch_fill=s.min_batch_fill,
-        max_job_batch_tokens=s.max_job_batch_tokens,
-    )
-    state.batcher = DynamicBatcher(engine, state.metrics, batching)
-    await state.batcher.start()
-    state.classifier = Classifier(
-        encoder, state.batcher, state.metrics, config,
-        chunk_overlap=overlap, aggregation=s.chunk_aggregation,
-        tokenizer_threads=s.tokenizer_threads, max_tokenize_chars=s.max_tokenize_chars,
-        evidence_segments=s.evidence_segments,
-    )  # fmt: skip
-    state.metrics.set_model(config.name, config.version, engine.provider, engine.precision)
-    log.info(
-        "engine ready for warm-up",
-        extra={"model": config.name, "version": config.version, "provider": engine.provider,
-               "precision": engine.precision, "n_max": config.n_max},
-    )  # fmt: skip
+    models = ModelRegistry(s, state.metrics)
+    state.models = models
+    models.on_change = lambda: _follow_default(state)
+    directories = model_dirs(s)
+    for i, directory in enumerate(directories):
+        given = engine if i == 0 else None
+        model = await asyncio.to_thread(models.load, directory, given)
+        if model.id in models.models:
+            raise EngineError(
+                f"two model folders serve the model id {model.id!r}: give each its own name"
+            )
+        await models.add(model)
+    if s.default_model and s.default_model not in models.models:
+        raise EngineError(
+            f"default_model {s.default_model!r} is not among the models served: "
+            f"{', '.join(sorted(models.models))}"
+        )
 
 
 async def stop(state: ServiceState) -> None:
-    """Drain the batcher, then release the classifier and engine."""
-    if state.batcher is not None:
-        await state.batcher.close(timeout=state.settings.shutdown_timeout_s)
-    if state.classifier is not None:
-        state.classifier.close()
-    if state.engine is not None:
-        state.engine.close()
+    """Drain every model's batcher, then release its classifier and engine."""
+    if state.models is not None:
+        await state.models.close()
 
 
 def create_app(
@@ -186,7 +159,7 @@ def create_app(
     app.add_middleware(InflightMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     install_error_handlers(app)
-    for module in (ops, classify, moderations):
+    for module in (ops, classify, moderations, models, playground):
         app.include_router(module.router)
     if settings.jobs:
         app.include_router(files.router)

@@ -5,8 +5,9 @@ key gets 401 whatever it sends. With keys configured, these routes stay open:
 
 - `/health`, `/ready`: probes of load balancers and orchestrators;
 - `/metrics`: Prometheus scrapes;
-- `/info`, `/docs`, `/docs/oauth2-redirect`, `/redoc`, `/openapi.json`: unless `public_info` is
-  off (`--no-public-info`), then they need a key too.
+- `/info`, `/docs`, `/docs/oauth2-redirect`, `/redoc`, `/openapi.json`, `/playground` (a page
+  that holds no data; its calls carry the key typed into it): unless `public_info` is off
+  (`--no-public-info`), then they need a key too.
 
 Every other path, unknown ones included, needs `Authorization: Bearer <key>`.
 """
@@ -26,7 +27,9 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 ALWAYS_OPEN = frozenset({"/health", "/ready", "/metrics"})
-INFO_ROUTES = frozenset({"/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+INFO_ROUTES = frozenset(
+    {"/info", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/playground"}
+)
 KEY_ID = "linmod_key_id"  # where the middleware leaves the caller's key id in scope["state"]
 UNAUTHORIZED_MESSAGE = "a valid API key is required: send 'Authorization: Bearer <key>'"
 

@@ -74,6 +74,7 @@ class Classifier:
         tokenizer_threads: int = 2,
         max_tokenize_chars: int = 1_000_000,
         evidence_segments: int = 16,
+        gate: CharGate | None = None,
     ) -> None:
         if not 0 <= chunk_overlap < config.n_max:
             raise ValueError(f"chunk_overlap must be below n_max={config.n_max}")
@@ -86,7 +87,8 @@ class Classifier:
         self.evidence_segments = evidence_segments
         self._flags = config.flag_indices
         self._executor = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="linmod-tokenize")
-        self.gate = CharGate(max_tokenize_chars)
+        # Several models share one gate: the tokenizer threads' budget is the process's.
+        self.gate = gate if gate is not None else CharGate(max_tokenize_chars)
 
     async def classify(
         self,

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{field.description} [env {env}; default {default!r}]"
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif name == "model_dir":
+            # Repeated: the first is model_dir, the others join model_dirs.
+            parser.add_argument(flag, action="append", help=help_text + "; repeat to serve more")
         else:
             parser.add_argument(flag, choices=_choices(field.annotation), help=help_text)
     return parser
@@ -41,6 +44,12 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {name: value for name, value in vars(args).items() if value is not None}
+    if "model_dir" in given:
+        first, *more = given["model_dir"]
+        given["model_dir"] = first
+        if more:
+            extra = given.get("model_dirs")
+            given["model_dirs"] = [*more, *(extra.split(",") if extra else [])]
     try:
         return Settings(**given)
     except ValidationError as exc:

@@ -112,10 +112,22 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self._draining: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reloads: set[asyncio.Task[dict[str, object]]] = set()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        # SIGHUP reloads the models: new or replaced artifact folders are swapped in.
+        self._loop.add_signal_handler(signal.SIGHUP, self._reload)
         await super().serve(sockets)
+
+    def _reload(self) -> None:
+        models = self.state.models
+        if models is None or self.state.stopping:
+            return
+        log.info("signal received", extra={"signal": "SIGHUP"})
+        task = asyncio.create_task(models.reload(), name="linmod-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining is not None or self._loop is None or self.should_exit:

@@ -117,6 +117,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self._model_series: dict[str, tuple[str, str, str, str]] = {}
         for priority in PRIORITIES:
             self.queue_wait.labels(priority)
             self.queue_items.labels(priority).set(0)
@@ -135,8 +136,11 @@ class Metrics:
             self.http_requests.labels(route, method, "200")
 
     def set_model(self, model: str, version: str, provider: str, precision: str) -> None:
-        """Record the model in use (one series at 1)."""
-        self.model_info.clear()
+        """Record a model in use (one series at 1 per model: a new version replaces its old)."""
+        old = self._model_series.pop(model, None)
+        if old is not None:
+            self.model_info.remove(*old)
+        self._model_series[model] = (model, version, provider, precision)
         self.model_info.labels(model, version, provider, precision).set(1)
 
     def observe_batch(

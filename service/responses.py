@@ -11,6 +11,7 @@ from service.classifier import Classification
 from service.errors import ApiError
 from service.inputs import extraction_info
 from service.mailtext import Extraction
+from service.models import ModelRegistry, ServedModel, UnknownModelError
 from service.schemas import (
     ClassifyResponse,
     ClassifyResult,
@@ -20,6 +21,23 @@ from service.schemas import (
     Usage,
 )
 from service.settings import Settings
+
+OPENAI_MODERATION_MODELS = ("omni-moderation-", "text-moderation-")
+
+
+def served_model(
+    models: ModelRegistry, name: str | None, *, openai_moderation: bool = False
+) -> ServedModel:
+    """The model a request names (or the default), or 404 listing the models served. On the
+    moderation endpoint OpenAI's own model names (omni-moderation-latest, text-moderation-*),
+    which OpenAI clients send unchanged, mean the default model."""
+    openai_name = bool(name) and str(name).startswith(OPENAI_MODERATION_MODELS)
+    if openai_moderation and openai_name and name not in models.models:
+        name = None
+    try:
+        return models.get(name)
+    except UnknownModelError as exc:
+        raise ApiError(404, str(exc), code="model_not_found", reason="invalid") from exc
 
 
 def check_limits(texts: Sequence[str], settings: Settings) -> None:

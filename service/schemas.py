@@ -66,6 +66,9 @@ class ClassifyRequest(_Strict):
         None, description="how chunk scores combine: max or mean (server default)"
     )
     input_format: InputFormat = Field("text", description=INPUT_FORMAT_DESCRIPTION)
+    model: SafeStr | None = Field(
+        None, description="the model to use (GET /v1/models lists them); default: the server's"
+    )
     return_evidence: bool = Field(
         False,
         description="also return, per text, every window's character span [start, end) and "
@@ -181,7 +184,9 @@ class ModerationRequest(_Strict):
     input: Annotated[
         str | list[str | TextPart], BeforeValidator(lambda v: check_input(v, parts=True))
     ] = Field(description="a text, a list of texts, or a list of {type: text, text} parts")
-    model: SafeStr | None = Field(None, description="ignored: this server serves one model")
+    model: SafeStr | None = Field(
+        None, description="the model to use (GET /v1/models lists them); default: the server's"
+    )
     input_format: InputFormat = Field("text", description=INPUT_FORMAT_DESCRIPTION)
 
     def texts(self) -> list[str]:

@@ -27,6 +27,19 @@ class Settings(BaseSettings):
         Path("model/artifacts/spamassassin-linformer"),
         description="directory with config.json, tokenizer.json and model*.onnx",
     )
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="more artifact directories to serve beside model_dir (comma-separated; "
+        "--model-dir may also be repeated)",
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="a directory with one artifact per sub-folder, all served; SIGHUP or POST "
+        "/admin/reload picks up added or replaced folders",
+    )
+    default_model: str | None = Field(
+        None, description="the model a request without a model field gets (default: the first)"
+    )
     served_model_name: str | None = Field(
         None, description="model name reported in responses (default: config name)"
     )
@@ -169,6 +182,13 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(part.strip()) for part in value.split(",") if part.strip()]
         return value
 
     @model_validator(mode="after")

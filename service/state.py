@@ -18,6 +18,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from service.jobs.store import JobStore
     from service.jobs.worker import JobWorker
+    from service.models import ModelRegistry
 
 
 @dataclass
@@ -41,11 +42,14 @@ class ServiceState:
     # Path prefix -> body limit in bytes, over settings.max_body_bytes (e.g. file uploads).
     body_limits: dict[str, int] = field(default_factory=dict)
     store: JobStore | None = None  # the batch-job store, when settings.jobs (lifespan opens it)
+    models: ModelRegistry | None = None  # every model served, by id
     jobs: JobWorker | None = None  # the batch-jobs worker, when settings.jobs
 
     @property
     def model_name(self) -> str:
         """The name responses report for the model."""
+        if self.models is not None and self.models.default_id:
+            return self.models.default_id
         if self.settings.served_model_name:
             return self.settings.served_model_name
         return self.engine.config.name if self.engine else "unknown"

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from service.errors import ApiError, validation_error
 from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.responses import classify_response
+from service.responses import classify_response, served_model
 from service.routes.caller import classify_for_caller
-from service.routes.deps import ClassifierDep, StateDep, api_key
+from service.routes.deps import ModelsDep, StateDep, api_key
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
@@ -24,6 +24,7 @@ from service.schemas import (
     InputFormat,
 )
 from service.settings import Aggregation, LongDocumentPolicy
+from service.texts import SafeStr
 
 MAIL_TYPE = "message/rfc822"
 
@@ -82,7 +83,7 @@ async def classify(
     request: Request,
     response: Response,
     state: StateDep,
-    classifier: ClassifierDep,
+    models: ModelsDep,
     long_document: Annotated[
         LongDocumentPolicy | None,
         Query(description="message/rfc822 bodies only: see the JSON field"),
@@ -93,6 +94,9 @@ async def classify(
     return_evidence: Annotated[
         bool, Query(description="message/rfc822 bodies only: see the JSON field")
     ] = False,
+    model: Annotated[
+        SafeStr | None, Query(description="message/rfc822 bodies only: see the JSON field")
+    ] = None,
 ) -> ClassifyResponse:
     """Classify each text, or a raw message; texts over n_max tokens are chunked, truncated or
     refused. Email and HTML inputs report what was extracted from them."""
@@ -105,15 +109,16 @@ async def classify(
             raise ApiError(422, "the message body is empty", code="empty", reason="invalid")
         items, input_format = [raw], "email"
     elif media == "application/json" or media.endswith("+json"):
-        if long_document is not None or aggregation is not None or return_evidence:
+        if long_document is not None or aggregation is not None or return_evidence or model:
             raise ApiError(
                 422, "query parameters are for message/rfc822 bodies; put the options in the "
                 "JSON body", code="invalid_input", reason="invalid",
             )  # fmt: skip
         body = await _json_request(request)
         items = [body.input] if isinstance(body.input, str) else body.input
-        input_format, long_document, aggregation, return_evidence = (
+        input_format, long_document, aggregation, return_evidence, model = (
             body.input_format, body.long_document, body.aggregation, body.return_evidence,
+            body.model,
         )  # fmt: skip
     else:
         declared = request.headers.get("content-type", "")
@@ -121,9 +126,11 @@ async def classify(
             415, f"Content-Type must be application/json or {MAIL_TYPE}, not "
             f"{declared or 'missing'!r}", code="unsupported_media_type", reason="invalid",
         )  # fmt: skip
+    served = served_model(models, model)
     texts, extractions = await extract_inputs(items, input_format, state.settings)
-    outcome = await classify_for_caller(
-        request, response, classifier, state.settings, texts,
-        long_document=long_document, aggregation=aggregation, evidence=return_evidence,
-    )  # fmt: skip
-    return classify_response(outcome, state.model_name, request_id(request.scope), extractions)
+    async with served.lease():
+        outcome = await classify_for_caller(
+            request, response, served.classifier, state.settings, texts,
+            long_document=long_document, aggregation=aggregation, evidence=return_evidence,
+        )  # fmt: skip
+    return classify_response(outcome, served.id, request_id(request.scope), extractions)

@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.auth import KEY_ID, UNAUTHORIZED_MESSAGE, match_key
 from service.classifier import Classifier
 from service.errors import ApiError
+from service.models import ModelRegistry
 from service.state import ServiceState, get_state
 
 _bearer = HTTPBearer(auto_error=False, description="one of the server's API keys, if it has any")
@@ -40,6 +41,18 @@ def ready_classifier(state: StateDep) -> Classifier:
 
 
 ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
+
+
+def ready_models(state: StateDep) -> ModelRegistry:
+    """The served models, or 503 while they load and warm up or the server stops."""
+    if state.stopping:
+        raise unavailable("the server is shutting down", "shutting_down")
+    if not state.ready or state.models is None:
+        raise unavailable("the model is not ready yet", "not_ready")
+    return state.models
+
+
+ModelsDep = Annotated[ModelRegistry, Depends(ready_models)]
 
 
 def api_key(

@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.responses import moderation_response
+from service.responses import moderation_response, served_model
 from service.routes.caller import classify_for_caller
-from service.routes.deps import ClassifierDep, StateDep, api_key, require_json
+from service.routes.deps import ModelsDep, StateDep, api_key, require_json
 from service.schemas import ERROR_RESPONSES, ModerationRequest, ModerationResponse
 
 router = APIRouter(
@@ -25,15 +25,17 @@ async def moderations(
     request: Request,
     response: Response,
     state: StateDep,
-    classifier: ClassifierDep,
+    models: ModelsDep,
 ) -> ModerationResponse:
     """Moderate each input; the categories are the model's flag labels. Email and HTML inputs
     report what was extracted from them."""
+    served = served_model(models, body.model, openai_moderation=True)
     texts, extractions = await extract_inputs(body.texts(), body.input_format, state.settings)
-    outcome = await classify_for_caller(
-        request, response, classifier, state.settings, texts,
-        long_document=None, aggregation=None,
-    )  # fmt: skip
+    async with served.lease():
+        outcome = await classify_for_caller(
+            request, response, served.classifier, state.settings, texts,
+            long_document=None, aggregation=None,
+        )  # fmt: skip
     return moderation_response(
-        outcome, classifier.config, state.model_name, request_id(request.scope), extractions
+        outcome, served.config, served.id, request_id(request.scope), extractions
     )

@@ -65,6 +65,7 @@ async def info(state: StateDep) -> dict[str, Any]:
             "max_body_bytes": s.max_body_bytes,
             "request_timeout_s": s.request_timeout_s,
         },
+        "models": sorted(state.models.models) if state.models else [],
         "auth": bool(s.api_keys),
         "ready": state.ready,
         "warmup_s": state.warmup_s,

@@ -228,7 +228,7 @@ async def test_openapi_documents_the_formats_and_the_raw_message_body(
     formats = body["application/json"]["schema"]["properties"]["input_format"]
     assert formats["enum"] == ["text", "email", "html"] and formats["default"] == "text"
     params = {p["name"] for p in spec["paths"]["/v1/classify"]["post"]["parameters"]}
-    assert params == {"long_document", "aggregation"}
+    assert params == {"long_document", "aggregation", "return_evidence", "model"}
     schemas = spec["components"]["schemas"]
     assert "input_format" in schemas["ModerationRequest"]["properties"]
     assert {"subject", "chars", "parts_used", "parts_skipped", "warnings"} <= set(
