@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from service.models import ModelRegistry
 
 
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
+
+
 @dataclass
 class ServiceState:
     """Shared by the lifespan, the routes and background services; kept on `app.state.linmod`."""
@@ -35,7 +40,9 @@ class ServiceState:
     draining: bool = False  # SIGTERM came: /ready is 503
     refusing: bool = False  # and new work is refused (after the drain delay)
     inflight: int = 0  # requests being served, probes and scrapes aside
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set when inflight drops to 0
+    # Set while no request is in flight: a drain that begins before any request arrives must not
+    # wait out its whole grace period.
+    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))
     warmup_s: float | None = None
     startup_error: str | None = None
     started_at: float = field(default_factory=time.time)
