@@ -31,12 +31,18 @@ def unavailable(message: str, code: str) -> ApiError:
     )  # fmt: skip
 
 
-def ready_classifier(state: StateDep) -> Classifier:
-    """The classifier, or 503 while the model loads and warms up or the server stops."""
+def _check_ready(state: ServiceState, loaded: object) -> None:
+    """503 while the models load and warm up, or once the server stops."""
     if state.stopping:
         raise unavailable("the server is shutting down", "shutting_down")
-    if not state.ready or state.classifier is None:
+    if not state.ready or loaded is None:
         raise unavailable("the model is not ready yet", "not_ready")
+
+
+def ready_classifier(state: StateDep) -> Classifier:
+    """The classifier, or 503 while the model loads and warms up or the server stops."""
+    _check_ready(state, state.classifier)
+    assert state.classifier is not None
     return state.classifier
 
 
@@ -45,10 +51,8 @@ ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
 
 def ready_models(state: StateDep) -> ModelRegistry:
     """The served models, or 503 while they load and warm up or the server stops."""
-    if state.stopping:
-        raise unavailable("the server is shutting down", "shutting_down")
-    if not state.ready or state.models is None:
-        raise unavailable("the model is not ready yet", "not_ready")
+    _check_ready(state, state.models)
+    assert state.models is not None
     return state.models
 
 
