@@ -175,4 +175,8 @@ def test_sigterm_drains_and_exits_cleanly(tiny_artifact: Path, tmp_path: Path) -
                 response = future.result()
             except httpx.TransportError:
                 continue  # sent after the listener closed: refused, never half-answered
+            if response.status_code == 503:
+                # Arrived once the drain refused new work: a whole, retryable answer.
+                assert response.json()["error"]["code"] == "shutting_down", response.text
+                continue
             assert response.status_code == 200, response.text
