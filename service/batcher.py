@@ -20,11 +20,9 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
-import numpy as np
 
 from service.artifact import IntArray, pad_batch
+from service.costmodel import BatchingPolicy, CostModel
 from service.engine import Engine
 from service.metrics import Metrics
 from service.queueing import (
@@ -33,7 +31,9 @@ from service.queueing import (
     BatcherError,
     BatchFailedError,
     DeadlineExceededError,
+    PendingRequest,
     Priority,
+    QueuedWindow,
     QueueFullError,
     RequestTooLargeError,
     SubmitResult,
@@ -55,37 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class _Request:
-    __slots__ = ("batches", "future", "inference_s", "logits", "priority", "queue_s", "remaining")
-
-    def __init__(self, n: int, num_labels: int, priority: Priority, future: asyncio.Future[None]):
-        self.future = future
-        self.priority = priority
-        self.logits = np.zeros((n, num_labels), dtype=np.float32)
-        self.remaining = n
-        self.queue_s = 0.0
-        self.inference_s = 0.0
-        self.batches = 0
-
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-
-@dataclass(eq=False)
-class _Item:
-    request: _Request
-    index: int
-    ids: IntArray
-    enqueued: float
-
-    @property
-    def length(self) -> int:
-        return int(self.ids.size)
-
-
 class DynamicBatcher:
-    """Owns the queue: one task forms batches, one runs them on the engine in a thread."""
+    """Owns the queue: one task forms batches; `engine.workers` tasks run them, each in its own
+    thread. Until `calibrate` has measured the engine, `auto` batching behaves as `on`."""
 
     def __init__(self, engine: Engine, metrics: Metrics, config: BatcherConfig) -> None:
         self._engine = engine
@@ -93,25 +65,53 @@ class DynamicBatcher:
         self.config = config
         self._n_max = engine.config.n_max
         self._num_labels = len(engine.config.labels)
-        self._pending: dict[Priority, list[_Item]] = {p: [] for p in Priority}
+        self._pending: dict[Priority, list[QueuedWindow]] = {p: [] for p in Priority}
         self._tokens: dict[Priority, int] = dict.fromkeys(Priority, 0)
         self._job_items = 0  # batch-job windows queued or running
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
-        self._ready: asyncio.Queue[list[_Item] | None] = asyncio.Queue(maxsize=1)
-        self._runner_idle = True
+        self._ready: asyncio.Queue[list[QueuedWindow] | None] = asyncio.Queue(maxsize=1)
+        self._workers = max(1, engine.workers)
+        self._idle = self._workers  # runners free, less batches handed to them and not yet run
+        self.incoming = 0  # requests being tokenized for this batcher: more windows on the way
+        self.cost = CostModel()
+        self.policy = BatchingPolicy(config.batching, config.batching != "off", "not calibrated")
         self._run_seconds = 0.05  # running mean of a batch's engine time, for Retry-After
         self._closing = False
-        self._live: set[_Request] = set()  # admitted, not yet answered
+        self._live: set[PendingRequest] = set()  # admitted, not yet answered
         self._tasks: list[asyncio.Task[None]] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linmod-engine")
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="linmod-engine")
 
     async def start(self) -> None:
         """Start the forming and running tasks."""
-        self._tasks = [
-            asyncio.create_task(self._form_loop(), name="linmod-batch-former"),
-            asyncio.create_task(self._run_loop(), name="linmod-batch-runner"),
+        self._tasks = [asyncio.create_task(self._form_loop(), name="linmod-batch-former")]
+        self._tasks += [
+            asyncio.create_task(self._run_loop(), name=f"linmod-batch-runner-{i}")
+            for i in range(self._workers)
         ]
+
+    def calibrate(self, budget_s: float = 30.0) -> BatchingPolicy:
+        """Time the engine over batch shapes and choose the policy (blocking: before serving,
+        from a thread)."""
+        cfg = self.config
+        self.cost = CostModel.calibrate(
+            self._engine.run, self._engine.config.pad_id, n_max=self._n_max,
+            max_batch_tokens=cfg.max_batch_tokens, max_batch_size=cfg.max_batch_size,
+            budget_s=budget_s,
+        )  # fmt: skip
+        self.policy = self.cost.policy(cfg.batching)
+        return self.policy
+
+    def note_incoming(self, delta: int) -> None:
+        """A caller starts (+1) or ends (-1) tokenizing a request bound for this queue."""
+        self.incoming += delta
+        if self.incoming <= 0:
+            self.incoming = 0
+            self._wakeup.set()  # a partial batch waiting for it may leave now
+
+    @property
+    def _runner_idle(self) -> bool:
+        return self._idle > 0
 
     def queued(self, priority: Priority) -> tuple[int, int]:
         """(windows, tokens) waiting at this priority."""
@@ -132,7 +132,7 @@ class DynamicBatcher:
             if not 0 < window.size <= self._n_max:
                 raise ValueError(f"a window must have 1 to {self._n_max} tokens, not {window.size}")
         loop = asyncio.get_running_loop()
-        request = _Request(len(windows), self._num_labels, priority, loop.create_future())
+        request = PendingRequest(len(windows), self._num_labels, priority, loop.create_future())
         if not windows:
             return SubmitResult(request.logits, 0.0, 0.0, 0)
         try:
@@ -141,7 +141,7 @@ class DynamicBatcher:
                 self._live.add(request)
                 request.future.add_done_callback(lambda _: self._live.discard(request))
                 now = loop.time()
-                items = [_Item(request, i, w, now) for i, w in enumerate(windows)]
+                items = [QueuedWindow(request, i, w, now) for i, w in enumerate(windows)]
                 self._pending[priority].extend(items)
                 self._account(priority, sum(i.length for i in items))
                 self._wakeup.set()
@@ -177,7 +177,9 @@ class DynamicBatcher:
 
     # -- admission ---------------------------------------------------------------------------
 
-    async def _admit(self, request: _Request, windows: Sequence[IntArray], wait: bool) -> None:
+    async def _admit(
+        self, request: PendingRequest, windows: Sequence[IntArray], wait: bool
+    ) -> None:
         n, tokens = len(windows), sum(int(w.size) for w in windows)
         cfg = self.config
         if request.priority is Priority.INTERACTIVE:
@@ -210,7 +212,7 @@ class DynamicBatcher:
         self._metrics.queue_items.labels(priority.label).set(len(self._pending[priority]))
         self._metrics.queue_tokens.labels(priority.label).set(self._tokens[priority])
 
-    def _abandon(self, request: _Request) -> None:
+    def _abandon(self, request: PendingRequest) -> None:
         if not request.future.done():
             request.future.cancel()
         pending = self._pending[request.priority]
@@ -230,12 +232,14 @@ class DynamicBatcher:
     async def _form_loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            self._runner_idle = False  # it has work from now on
-            await self._ready.put(batch)  # waits only to queue the end marker
             if batch is None:
+                for _ in range(self._workers):
+                    await self._ready.put(None)  # one end marker per runner
                 return
+            self._idle -= 1  # a runner has work from now on
+            await self._ready.put(batch)
 
-    async def _next_batch(self) -> list[_Item] | None:
+    async def _next_batch(self) -> list[QueuedWindow] | None:
         """Wait until a batch should leave, then take it from the queue (None: closed)."""
         loop = asyncio.get_running_loop()
         while True:
@@ -247,10 +251,11 @@ class DynamicBatcher:
                 await self._wakeup.wait()
                 continue
             waited = loop.time() - oldest.enqueued
-            # At most one batch waits for the engine. A partial batch leaves after max-wait,
-            # but not while the engine is busy: waiting for the engine can only fill it more.
+            # At most one batch waits for a runner. A partial batch leaves for an idle runner at
+            # once unless more windows are being tokenized (then after max-wait), but not while
+            # every runner is busy: waiting for one can only fill it more.
             slot_free = self._ready.empty()
-            expired = waited >= self.config.max_wait_s
+            expired = waited >= self.config.max_wait_s or not self.incoming
             priority = oldest.request.priority
             leave = self._closing or self._can_fill(priority) or (expired and self._runner_idle)
             if priority is not Priority.INTERACTIVE:
@@ -266,7 +271,7 @@ class DynamicBatcher:
             except TimeoutError:
                 pass
 
-    def _oldest(self) -> _Item | None:
+    def _oldest(self) -> QueuedWindow | None:
         for priority in Priority:
             if self._pending[priority]:
                 return self._pending[priority][0]
@@ -275,9 +280,11 @@ class DynamicBatcher:
     def _can_fill(self, priority: Priority) -> bool:
         """Enough windows of one priority are waiting to fill a batch (priorities do not mix)."""
         items, tokens = len(self._pending[priority]), self._tokens[priority]
+        if not self.policy.batching:
+            return items > 0
         return items >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
-    def _select(self, anchor: _Item) -> list[_Item]:
+    def _select(self, anchor: QueuedWindow) -> list[QueuedWindow]:
         """The oldest window of the first priority, then the closest in length that fit.
 
         Anchoring on the oldest keeps the queue fair; choosing neighbours by length, and only
@@ -285,6 +292,8 @@ class DynamicBatcher:
         one priority share a batch: batch-job windows never lengthen an interactive run.
         """
         cfg = self.config
+        if not self.policy.batching:
+            return [anchor]
         budget = cfg.max_batch_tokens
         if anchor.request.priority is not Priority.INTERACTIVE:
             budget = max(min(budget, cfg.max_job_batch_tokens), anchor.length)
@@ -299,9 +308,12 @@ class DynamicBatcher:
             if padded <= budget and real + item.length >= cfg.min_batch_fill * padded:
                 selected.append(item)
                 longest, real = grown, real + item.length
+        if self.cost.points and len(selected) > 1:
+            # Of what fits, the prefix with the most windows per predicted second.
+            selected = selected[: self.cost.best_size([i.length for i in selected])]
         return selected
 
-    def _take(self, batch: list[_Item]) -> list[_Item]:
+    def _take(self, batch: list[QueuedWindow]) -> list[QueuedWindow]:
         now = asyncio.get_running_loop().time()
         taken = {id(item) for item in batch}
         for priority in Priority:
@@ -321,10 +333,7 @@ class DynamicBatcher:
     async def _run_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._runner_idle = True
-            self._wakeup.set()  # a partial batch held back for a busy engine may leave now
             batch = await self._ready.get()
-            self._runner_idle = False
             self._wakeup.set()  # the slot is free: the next batch may be formed
             if batch is None:
                 return
@@ -333,14 +342,18 @@ class DynamicBatcher:
                 if live:
                     await self._run(loop, live)
             finally:
+                self._idle += 1
+                self._wakeup.set()  # a partial batch held back for a busy engine may leave now
                 for priority in Priority:
                     self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
         ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
         start = time.perf_counter()
         try:
-            logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask)
+            # Alone (no other run, nothing queued), a run may take every core.
+            solo = self._idle == self._workers - 1 and not any(self._pending.values())
+            logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask, solo)
             if logits.shape != (len(batch), self._num_labels):
                 raise RuntimeError(f"engine returned logits of shape {logits.shape}")
         except Exception as exc:
@@ -352,6 +365,7 @@ class DynamicBatcher:
             return
         seconds = time.perf_counter() - start
         self._run_seconds = 0.8 * self._run_seconds + 0.2 * seconds
+        self.cost.observe(len(batch), int(ids.shape[1]), seconds)
         self._metrics.observe_batch(len(batch), int(mask.sum()), int(mask.size), seconds)
         touched: set[int] = set()
         for row, item in enumerate(batch):
@@ -367,7 +381,7 @@ class DynamicBatcher:
             if request.remaining == 0:
                 request.future.set_result(None)
 
-    def _fail(self, request: _Request, error: BatcherError) -> None:
+    def _fail(self, request: PendingRequest, error: BatcherError) -> None:
         if not request.future.done():
             request.future.set_exception(error)
         self._abandon(request)

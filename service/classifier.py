@@ -75,6 +75,7 @@ class Classifier:
         max_tokenize_chars: int = 1_000_000,
         evidence_segments: int = 16,
         gate: CharGate | None = None,
+        inline_tokenize_chars: int = 0,
     ) -> None:
         if not 0 <= chunk_overlap < config.n_max:
             raise ValueError(f"chunk_overlap must be below n_max={config.n_max}")
@@ -85,6 +86,7 @@ class Classifier:
         self.chunk_overlap = chunk_overlap
         self.aggregation = aggregation
         self.evidence_segments = evidence_segments
+        self.inline_chars = inline_tokenize_chars
         self._flags = config.flag_indices
         self._executor = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="linmod-tokenize")
         # Several models share one gate: the tokenizer threads' budget is the process's.
@@ -106,6 +108,7 @@ class Classifier:
         With `evidence`, each result lists its windows' character spans and scores, and a
         one-window text its paragraphs' or sentences', run in the same batch."""
         start = time.perf_counter()
+        self._batcher.note_incoming(1)  # a partial batch may wait for these windows
         try:
             async with asyncio.timeout_at(deadline):
                 if evidence:
@@ -120,6 +123,8 @@ class Classifier:
             raise DeadlineExceededError(
                 "the request's deadline passed while it was tokenized"
             ) from None
+        finally:
+            self._batcher.note_incoming(-1)
         tokenize_s = time.perf_counter() - start
         self._metrics.tokenize_duration.observe(tokenize_s)
 
@@ -172,6 +177,10 @@ class Classifier:
         """Token ids, once the texts' characters fit the tokenizer's budget; they are held until
         the thread has finished, even when the caller has gone, so the budget bounds real work."""
         chars = sum(len(t) for t in texts)
+        if chars <= self.inline_chars:
+            # A short text costs less to tokenize than the two thread hops it would take.
+            self.gate.admit_size(chars)
+            return encode(texts)
         if wait_for_room:
             self.gate.admit_size(chars)
             await self.gate.budget.acquire(chars)

@@ -55,6 +55,11 @@ class DocumentEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[IntArray]:
         """Token ids of each text (blocking; call it from a worker thread)."""
+        if len(texts) == 1:
+            # One text: encode in this thread. The batch call hands it to the tokenizer's own
+            # thread pool, whose threads then spin on the cores the engine needs.
+            ids = self._tokenizer.encode(texts[0], add_special_tokens=False).ids
+            return [np.asarray(ids, dtype=np.int64)]
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from service.costmodel import CostModel
+
 # Latencies run from a cached short text on a GPU (~1 ms) to a long document's many windows
 # queued behind a busy CPU (tens of seconds).
 SECONDS_BUCKETS = (
@@ -117,6 +119,25 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.batching = Gauge(
+            "linmod_batching_enabled",
+            "1 where the batching policy runs windows together, 0 where one per run.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_cost = Gauge(
+            "linmod_engine_cost_seconds",
+            "Measured seconds of one engine run by batch size and padded length, times the "
+            "live scale.",
+            ["model", "batch", "length"],
+            registry=r,
+        )
+        self.engine_cost_scale = Gauge(
+            "linmod_engine_cost_scale",
+            "Real runs' seconds over the calibration's prediction (exponential mean).",
+            ["model"],
+            registry=r,
+        )
         self._model_series: dict[str, tuple[str, str, str, str]] = {}
         for priority in PRIORITIES:
             self.queue_wait.labels(priority)
@@ -142,6 +163,13 @@ class Metrics:
             self.model_info.remove(*old)
         self._model_series[model] = (model, version, provider, precision)
         self.model_info.labels(model, version, provider, precision).set(1)
+
+    def set_cost_model(self, model: str, cost: CostModel, batching: bool) -> None:
+        """Publish a model's measured cost grid and the policy chosen from it."""
+        self.batching.labels(model).set(1 if batching else 0)
+        for (size, length), seconds in cost.points.items():
+            self.engine_cost.labels(model, str(size), str(length)).set(seconds)
+        self.engine_cost_scale.labels(model).set_function(lambda: cost.scale)
 
     def observe_batch(
         self, size: int, real_tokens: int, padded_tokens: int, seconds: float

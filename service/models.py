@@ -146,6 +146,8 @@ class ModelRegistry:
                 precision=s.precision,
                 intra_op_threads=s.intra_op_threads,
                 inter_op_threads=s.inter_op_threads,
+                workers=s.engine_workers,
+                allow_spinning=s.ort_allow_spinning,
             )
         model_dir = directory if directory is not None else s.model_dir
         config = engine.config
@@ -168,6 +170,7 @@ class ModelRegistry:
             max_job_items=s.max_job_items,
             min_batch_fill=s.min_batch_fill,
             max_job_batch_tokens=s.max_job_batch_tokens,
+            batching=s.batching,
         )
         model_id = self._model_id(config, directory)
         batcher = DynamicBatcher(engine, self.metrics, batching)
@@ -176,6 +179,7 @@ class ModelRegistry:
             chunk_overlap=overlap, aggregation=s.chunk_aggregation,
             tokenizer_threads=s.tokenizer_threads, max_tokenize_chars=s.max_tokenize_chars,
             evidence_segments=s.evidence_segments, gate=self.gate,
+            inline_tokenize_chars=s.inline_tokenize_chars,
         )  # fmt: skip
         return ServedModel(model_id, directory, fingerprint(model_dir), engine, batcher, classifier)
 
@@ -186,8 +190,15 @@ class ModelRegistry:
             return 0.0
         shapes = warmup_shapes(model.config.n_max, s.max_batch_tokens, s.max_batch_size)
         seconds = warmup(model.engine, shapes)
-        log.info("warm-up done", extra={"model": model.id, "seconds": round(seconds, 3)})
-        return seconds
+        policy = model.batcher.calibrate()
+        self.metrics.set_cost_model(model.id, model.batcher.cost, policy.batching)
+        log.info(
+            "warm-up done",
+            extra={"model": model.id, "seconds": round(seconds, 3), "batching": policy.batching,
+                   "why": policy.reason,
+                   "calibration_seconds": round(model.batcher.cost.calibration_s, 3)},
+        )  # fmt: skip
+        return seconds + model.batcher.cost.calibration_s
 
     async def add(self, model: ServedModel) -> ServedModel | None:
         """Start its batcher and route its id to it; returns the version it replaced."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
 
-from service.artifact import FloatArray
+import numpy as np
+
+from service.artifact import FloatArray, IntArray
+from service.costmodel import BatchingMode
 
 
 class Priority(enum.IntEnum):
@@ -36,6 +40,8 @@ class BatcherConfig:
     # Padded tokens of a batch of batch-job windows: an interactive request arriving while one
     # runs waits for it, so it is kept short.
     max_job_batch_tokens: int = 4096
+    # auto: measure the engine at warm-up and batch only where batching pays; on; off.
+    batching: BatchingMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -74,3 +80,36 @@ class BatchFailedError(BatcherError):
 
 class BatcherClosedError(BatcherError):
     """The batcher is shutting down and takes no new work."""
+
+
+class PendingRequest:
+    """One submitted request: its logits fill in as its windows run."""
+
+    __slots__ = ("batches", "future", "inference_s", "logits", "priority", "queue_s", "remaining")
+
+    def __init__(self, n: int, num_labels: int, priority: Priority, future: asyncio.Future[None]):
+        self.future = future
+        self.priority = priority
+        self.logits = np.zeros((n, num_labels), dtype=np.float32)
+        self.remaining = n
+        self.queue_s = 0.0
+        self.inference_s = 0.0
+        self.batches = 0
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+@dataclass(eq=False)
+class QueuedWindow:
+    """One window of a request, waiting in the queue."""
+
+    request: PendingRequest
+    index: int
+    ids: IntArray
+    enqueued: float
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.size)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fastapi import Response
+from pydantic import BaseModel
+
 from service.artifact import ArtifactConfig
 from service.classifier import Classification
 from service.errors import ApiError
@@ -103,3 +106,14 @@ def moderation_response(
             )
         )
     return ModerationResponse(id=f"modr-{rid}", model=model, results=results)
+
+
+def json_body(model: BaseModel, response: Response) -> Response:
+    """`model` as the JSON response, with the headers a route set on `response`: the body is
+    built once, by pydantic's serializer, instead of FastAPI validating the returned model
+    against the route's response model again."""
+    return Response(
+        model.model_dump_json(by_alias=True),
+        media_type="application/json",
+        headers=dict(response.headers),
+    )

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.costmodel import BatchingMode
+
 Device = Literal["auto", "cuda", "cpu"]
 Precision = Literal["auto", "fp32", "fp16", "int8"]
 LongDocumentPolicy = Literal["chunk", "truncate", "reject"]
@@ -49,7 +51,22 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: auto)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: auto)")
+    engine_workers: int = Field(
+        0,
+        ge=0,
+        description="engine runs at once, each in its own thread (0: on CPU one per core, each "
+        "with one intra-op thread; on CUDA one)",
+    )
+    ort_allow_spinning: bool = Field(
+        False, description="let ONNX Runtime's intra-op threads spin between runs (burns CPU)"
+    )
     tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize requests")
+    inline_tokenize_chars: int = Field(
+        4096,
+        ge=0,
+        description="requests of at most this many characters are tokenized on the event loop "
+        "(cheaper than the thread hops); longer ones in the tokenizer threads",
+    )
     warmup: bool = Field(True, description="run representative shapes before /ready turns 200")
 
     # Batching
@@ -57,7 +74,17 @@ class Settings(BaseSettings):
         16384, ge=1, description="padded tokens per engine run (batch size x longest window)"
     )
     max_batch_size: int = Field(32, ge=1, description="windows per engine run")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a partial batch waits for more")
+    batching: BatchingMode = Field(
+        "auto",
+        description="auto: time the engine over batch shapes at warm-up and batch only where it "
+        "pays; on; off: one window per run",
+    )
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="how long a partial batch waits for more while requests are being tokenized "
+        "(never when none are)",
+    )
     max_queue_items: int = Field(1024, ge=1, description="interactive windows waiting, at most")
     max_queue_tokens: int = Field(
         1_048_576, ge=1, description="interactive tokens waiting, at most (then 429)"

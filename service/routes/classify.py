@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from service.errors import ApiError, validation_error
 from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.responses import classify_response, served_model
+from service.responses import classify_response, json_body, served_model
 from service.routes.caller import classify_for_caller
 from service.routes.deps import ModelsDep, StateDep, api_key
 from service.schemas import (
@@ -97,7 +97,7 @@ async def classify(
     model: Annotated[
         SafeStr | None, Query(description="message/rfc822 bodies only: see the JSON field")
     ] = None,
-) -> ClassifyResponse:
+) -> Response:
     """Classify each text, or a raw message; texts over n_max tokens are chunked, truncated or
     refused. Email and HTML inputs report what was extracted from them."""
     media = _media_type(request)
@@ -133,4 +133,5 @@ async def classify(
             request, response, served.classifier, state.settings, texts,
             long_document=long_document, aggregation=aggregation, evidence=return_evidence,
         )  # fmt: skip
-    return classify_response(outcome, served.id, request_id(request.scope), extractions)
+    answer = classify_response(outcome, served.id, request_id(request.scope), extractions)
+    return json_body(answer, response)

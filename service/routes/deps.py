@@ -16,7 +16,7 @@ from service.state import ServiceState, get_state
 _bearer = HTTPBearer(auto_error=False, description="one of the server's API keys, if it has any")
 
 
-def _state(request: Request) -> ServiceState:
+async def _state(request: Request) -> ServiceState:
     return get_state(request.app)
 
 
@@ -39,7 +39,7 @@ def _check_ready(state: ServiceState, loaded: object) -> None:
         raise unavailable("the model is not ready yet", "not_ready")
 
 
-def ready_classifier(state: StateDep) -> Classifier:
+async def ready_classifier(state: StateDep) -> Classifier:
     """The classifier, or 503 while the model loads and warms up or the server stops."""
     _check_ready(state, state.classifier)
     assert state.classifier is not None
@@ -49,7 +49,7 @@ def ready_classifier(state: StateDep) -> Classifier:
 ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
 
 
-def ready_models(state: StateDep) -> ModelRegistry:
+async def ready_models(state: StateDep) -> ModelRegistry:
     """The served models, or 503 while they load and warm up or the server stops."""
     _check_ready(state, state.models)
     assert state.models is not None
@@ -59,7 +59,7 @@ def ready_models(state: StateDep) -> ModelRegistry:
 ModelsDep = Annotated[ModelRegistry, Depends(ready_models)]
 
 
-def api_key(
+async def api_key(
     request: Request,
     state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -85,7 +85,7 @@ def api_key(
 ApiKeyDep = Annotated[str | None, Depends(api_key)]
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 unless the body is declared as JSON."""
     declared = request.headers.get("content-type", "")
     mime = declared.split(";", 1)[0].strip().lower()

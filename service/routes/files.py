@@ -30,7 +30,7 @@ CONTENT_PAGE = 1000  # lines per read while streaming a file's content, at most
 CONTENT_PAGE_BYTES = 256 * 1024  # and bytes per read (unless one line is longer)
 
 
-def job_store(state: StateDep) -> JobStore:
+async def job_store(state: StateDep) -> JobStore:
     """The app's job store; 503 until the lifespan has opened it and the worker runs."""
     if state.store is None or state.jobs is None:
         raise unavailable("batch jobs are not running yet", "not_ready")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from service.inputs import extract_inputs
 from service.middleware import request_id
-from service.responses import moderation_response, served_model
+from service.responses import json_body, moderation_response, served_model
 from service.routes.caller import classify_for_caller
 from service.routes.deps import ModelsDep, StateDep, api_key, require_json
 from service.schemas import ERROR_RESPONSES, ModerationRequest, ModerationResponse
@@ -26,7 +26,7 @@ async def moderations(
     response: Response,
     state: StateDep,
     models: ModelsDep,
-) -> ModerationResponse:
+) -> Response:
     """Moderate each input; the categories are the model's flag labels. Email and HTML inputs
     report what was extracted from them."""
     served = served_model(models, body.model, openai_moderation=True)
@@ -36,6 +36,7 @@ async def moderations(
             request, response, served.classifier, state.settings, texts,
             long_document=None, aggregation=None,
         )  # fmt: skip
-    return moderation_response(
+    body_out = moderation_response(
         outcome, served.config, served.id, request_id(request.scope), extractions
     )
+    return json_body(body_out, response)

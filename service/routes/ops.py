@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
+from service.batcher import DynamicBatcher
+from service.engine import Engine
 from service.errors import error_body
 from service.routes.deps import StateDep
 
@@ -53,7 +55,7 @@ async def info(state: StateDep) -> dict[str, Any]:
             "device": s.device,
             "versions": _versions(),
         },
-        "batching": dataclasses.asdict(state.batcher.config) if state.batcher else None,
+        "batching": _batching(state.batcher, engine),
         "long_document": {
             "policy": s.long_document,
             "chunk_overlap": classifier.chunk_overlap if classifier else s.chunk_overlap,
@@ -70,6 +72,18 @@ async def info(state: StateDep) -> dict[str, Any]:
         "ready": state.ready,
         "warmup_s": state.warmup_s,
         "started_at": state.started_at,
+    }
+
+
+def _batching(batcher: DynamicBatcher | None, engine: Engine | None) -> dict[str, Any] | None:
+    """The limits, the engine's measured cost grid and the policy chosen from it."""
+    if batcher is None:
+        return None
+    return {
+        **dataclasses.asdict(batcher.config),
+        "engine_workers": engine.workers if engine else None,
+        "policy": {"batching": batcher.policy.batching, "reason": batcher.policy.reason},
+        "cost_model": batcher.cost.describe(),
     }
 
 

@@ -73,7 +73,7 @@ class ControlledEngine(FakeEngine):
         self.fail_if = fail_if
         self.seen: list[IntArray] = []
 
-    def run(self, input_ids: IntArray, attention_mask: IntArray) -> FloatArray:
+    def run(self, input_ids: IntArray, attention_mask: IntArray, solo: bool = False) -> FloatArray:
         self.seen.append(input_ids.copy())
         self.entered.release()
         if not self.gate.wait(timeout=10):

@@ -30,7 +30,9 @@ async def gated(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, threading.Event, list[int]]]:
     """A client, a gate the tokenizer waits at (open), and the sizes it was called with."""
     overrides: dict[str, Any] = getattr(request, "param", {})
-    settings = make_settings(fake_artifact, **({"max_tokenize_chars": 1000} | overrides))
+    # Every text goes through the tokenizer threads here, however short (the gate under test).
+    defaults = {"max_tokenize_chars": 1000, "inline_tokenize_chars": 0}
+    settings = make_settings(fake_artifact, **(defaults | overrides))
     app = create_app(settings, engine=FakeEngine(model_config))
     gate, calls = threading.Event(), []
     gate.set()

@@ -82,6 +82,16 @@ async def test_info_reports_the_real_runtime(fp32_client: httpx.AsyncClient) -> 
     assert info["model"]["n_max"] >= 8 and len(info["model"]["labels"]) >= 2
     metrics = (await fp32_client.get("/metrics")).text
     assert 'provider="CPUExecutionProvider"' in metrics and 'precision="fp32"' in metrics
+    # Warm-up timed the real session over batch shapes and chose a policy from them.
+    batching = info["batching"]
+    grid = batching["cost_model"]["grid_ms"]
+    assert grid[0]["batch"] == 1 and grid[-1]["length"] == info["model"]["n_max"]
+    assert any(p["batch"] > 1 for p in grid) and all(p["ms"] > 0 for p in grid)
+    assert batching["policy"]["batching"] in (True, False) and batching["policy"]["reason"]
+    assert batching["engine_workers"] >= 1 and batching["batching"] == "auto"
+    enabled = "1.0" if batching["policy"]["batching"] else "0.0"
+    assert f'linmod_batching_enabled{{model="{info["model"]["served_name"]}"}} {enabled}' in metrics
+    assert "linmod_engine_cost_seconds{" in metrics and "linmod_engine_cost_scale{" in metrics
 
 
 async def test_single_and_list_match_the_model_run_by_hand(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,27 @@ def test_warmup_covers_short_long_and_full_batches(model_dir: Path) -> None:
     assert shapes == [(1, 16), (1, 4096), (4, 4096), (32, 64)]
     engine = OnnxEngine.load(model_dir, device="cpu")
     assert warmup(engine, warmup_shapes(16, 64, 8)) >= 0
+
+
+def test_cpu_split_shares_the_cores() -> None:
+    from service.engine import cpu_split
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_split(0, 0) == (cores, 1)  # a run per core, one thread each
+    assert cpu_split(1, 0) == (1, cores)
+    assert cpu_split(0, cores) == (1, cores)
+    assert cpu_split(3, 2) == (3, 2)
+
+
+def test_solo_and_concurrent_sessions_agree(model_dir: Path) -> None:
+    engine = OnnxEngine.load(model_dir, device="cpu", precision="fp32", workers=2)
+    assert engine.workers == 2
+    ids = np.array([[5, 6, 7, 0], [1, 2, 3, 4]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda _: engine.run(ids, mask), range(8)))
+    solo = engine.run(ids, mask, solo=True)
+    for logits in together:
+        np.testing.assert_allclose(logits, solo, atol=1e-5)
