@@ -5,6 +5,7 @@ awaited on /ready, Prometheus counters scraped over HTTP, and the batch-jobs cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -101,22 +102,58 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ServerProcess:
-    """A server started as a subprocess, ready once GET /ready answers 200; SIGTERM to stop."""
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a live process and every live descendant, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        stack += children.get(current, [])
+    return total
 
-    def __init__(self, cmd: list[str], url: str, log: Path, ready_timeout: float = 300.0):
+
+class ServerProcess:
+    """A server started as a subprocess, ready once GET `ready_path` answers 200; SIGTERM to
+    stop."""
+
+    def __init__(
+        self,
+        cmd: list[str],
+        url: str,
+        log: Path,
+        ready_timeout: float = 300.0,
+        ready_path: str = "/ready",
+    ):
         self.cmd, self.url, self.log = cmd, url, log
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINMOD_")}
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=BENCH_DIR.parent, env=env
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=BENCH_DIR.parent,
+                env=env,
+                start_new_session=True,
             )
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                if httpx.get(f"{url}{ready_path}", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -127,6 +164,10 @@ class ServerProcess:
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server's process tree has used so far."""
+        return process_tree_cpu_s(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -135,6 +176,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(OSError):  # helpers a server started (Ray's) go with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def __enter__(self) -> ServerProcess:
         return self
@@ -283,3 +326,9 @@ def wait_batch(url: str, batch_id: str, until: Sequence[str], timeout: float) ->
 
 def cancel_batch(url: str, batch_id: str) -> None:
     httpx.post(f"{url}/v1/batches/{batch_id}/cancel", timeout=30)
+
+
+def batching_policy(url: str) -> dict[str, Any]:
+    """The batching policy the service chose at warm-up, from /info."""
+    info = httpx.get(f"{url}/info", timeout=30).json()
+    return dict((info.get("batching") or {}).get("policy") or {})

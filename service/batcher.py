@@ -109,6 +109,14 @@ class DynamicBatcher:
             self.incoming = 0
             self._wakeup.set()  # a partial batch waiting for it may leave now
 
+    def idle(self, requests: int = 0) -> bool:
+        """Nothing queued or running, and at most `requests` requests on their way."""
+        return (
+            self._idle == self._workers
+            and self.incoming <= requests
+            and not any(self._pending.values())
+        )
+
     @property
     def _runner_idle(self) -> bool:
         return self._idle > 0

@@ -177,9 +177,12 @@ class Classifier:
         """Token ids, once the texts' characters fit the tokenizer's budget; they are held until
         the thread has finished, even when the caller has gone, so the budget bounds real work."""
         chars = sum(len(t) for t in texts)
-        if chars <= self.inline_chars:
-            # A short text costs less to tokenize than the two thread hops it would take.
+        if chars <= self.inline_chars and self._batcher.idle(requests=1):
+            # On an idle server a short text costs less to tokenize here than the two thread
+            # hops would add to its latency; under load the loop has other work to do.
             self.gate.admit_size(chars)
+            if encode == self._encoder.encode:
+                return self._encoder.encode_here(texts)  # type: ignore[return-value]
             return encode(texts)
         if wait_for_room:
             self.gate.admit_size(chars)

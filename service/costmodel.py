@@ -62,12 +62,15 @@ class CostModel:
         n_max: int,
         max_batch_tokens: int,
         max_batch_size: int,
-        repeats: int = 3,
+        repeats: int = 2,
         budget_s: float = 30.0,
-        max_run_s: float = 2.0,
+        max_run_s: float = 1.0,
+        repeat_below_s: float = 0.1,
     ) -> CostModel:
-        """Time the engine over the grid; a row stops at a run slower than `max_run_s`, and
-        the whole grid at `budget_s`, so a large model on a slow host still starts."""
+        """Time the engine over the grid: the median of `repeats` runs after a first one, or
+        the first alone where it took over `repeat_below_s`. A row stops at a run slower than
+        `max_run_s`, the whole grid at `budget_s`, so a large model on a slow host still
+        starts."""
         model = cls()
         token = 1 if pad_id != 1 else 2
         start = time.perf_counter()
@@ -81,7 +84,7 @@ class CostModel:
                 run(ids, mask)  # the first run of a shape pays for allocations
                 first = time.perf_counter() - t0
                 times = []
-                for _ in range(repeats if first < max_run_s else 0):
+                for _ in range(repeats if first < repeat_below_s else 0):
                     t0 = time.perf_counter()
                     run(ids, mask)
                     times.append(time.perf_counter() - t0)

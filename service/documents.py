@@ -55,13 +55,18 @@ class DocumentEncoder:
 
     def encode(self, texts: Sequence[str]) -> list[IntArray]:
         """Token ids of each text (blocking; call it from a worker thread)."""
-        if len(texts) == 1:
-            # One text: encode in this thread. The batch call hands it to the tokenizer's own
-            # thread pool, whose threads then spin on the cores the engine needs.
-            ids = self._tokenizer.encode(texts[0], add_special_tokens=False).ids
-            return [np.asarray(ids, dtype=np.int64)]
+        # The batch call releases the GIL (the single-text `encode` does not), so the event loop
+        # keeps serving while a tokenizer thread works.
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+    def encode_here(self, texts: Sequence[str]) -> list[IntArray]:
+        """Token ids of each text, computed in this thread: no hand-off to the tokenizer's own
+        thread pool, for a short text on an otherwise idle server."""
+        return [
+            np.asarray(self._tokenizer.encode(t, add_special_tokens=False).ids, dtype=np.int64)
+            for t in texts
+        ]
 
     def encode_offsets(self, texts: Sequence[str]) -> list[tuple[IntArray, list[tuple[int, int]]]]:
         """Token ids of each text and each token's character offsets in it (slower than

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     inline_tokenize_chars: int = Field(
         4096,
         ge=0,
-        description="requests of at most this many characters are tokenized on the event loop "
-        "(cheaper than the thread hops); longer ones in the tokenizer threads",
+        description="on an idle server, requests of at most this many characters are tokenized "
+        "on the event loop (quicker than the thread hops); others in the tokenizer threads",
     )
     warmup: bool = Field(True, description="run representative shapes before /ready turns 200")
 
