@@ -31,7 +31,8 @@ from service.artifact import CONFIG_FILE
 BENCHMARKS = {
     "attention": "Linformer vs full attention, batch 1, n = 512 ... 32,768",
     "engine": "PyTorch eager vs ONNX Runtime fp32 / int8 over the test split",
-    "load": "the service under load, batching on and off, a naive server, a batch job",
+    "costgrid": "the engine's cost by batch shape and the batching policy it implies",
+    "load": "the service, a naive server, LitServe and Ray Serve under load; a batch job",
 }
 IMAGE = re.compile(r"\]\(([\w.-]+\.png)\)")
 

@@ -107,7 +107,7 @@ class DynamicBatcher:
         self.incoming += delta
         if self.incoming <= 0:
             self.incoming = 0
-            self._wakeup.set()  # a partial batch waiting for it may leave now
+            self._nudge()  # a partial batch waiting for it may leave now
 
     def idle(self, requests: int = 0) -> bool:
         """Nothing queued or running, and at most `requests` requests on their way."""
@@ -116,6 +116,11 @@ class DynamicBatcher:
             and self.incoming <= requests
             and not any(self._pending.values())
         )
+
+    def _nudge(self) -> None:
+        """Wake the forming task, if it has anything to form (submit and close wake it too)."""
+        if self._closing or any(self._pending.values()):
+            self._wakeup.set()
 
     @property
     def _runner_idle(self) -> bool:
@@ -342,7 +347,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._ready.get()
-            self._wakeup.set()  # the slot is free: the next batch may be formed
+            self._nudge()  # the slot is free: the next batch may be formed
             if batch is None:
                 return
             live = [item for item in batch if not item.request.done]
@@ -351,7 +356,7 @@ class DynamicBatcher:
                     await self._run(loop, live)
             finally:
                 self._idle += 1
-                self._wakeup.set()  # a partial batch held back for a busy engine may leave now
+                self._nudge()  # a partial batch held back for a busy engine may leave now
                 for priority in Priority:
                     self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import ApiError, validation_error
 from service.inputs import extract_inputs
 from service.middleware import request_id
 from service.responses import classify_response, json_body, served_model
 from service.routes.caller import classify_for_caller
-from service.routes.deps import ModelsDep, StateDep, api_key
+from service.routes.deps import api_key, ready_models
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
@@ -24,6 +24,7 @@ from service.schemas import (
     InputFormat,
 )
 from service.settings import Aggregation, LongDocumentPolicy
+from service.state import get_state
 from service.texts import SafeStr
 
 MAIL_TYPE = "message/rfc822"
@@ -35,8 +36,39 @@ router = APIRouter(
     responses=ERROR_RESPONSES,
 )
 
-# The body is read by hand (JSON, or a raw message), so the schema documents both forms.
+
+class MailOptions(BaseModel):
+    """The options of a raw-message request, read from its query string."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    long_document: LongDocumentPolicy | None = Field(
+        None, description="message/rfc822 bodies only: see the JSON field"
+    )
+    aggregation: Aggregation | None = Field(
+        None, description="message/rfc822 bodies only: see the JSON field"
+    )
+    return_evidence: bool = Field(
+        False, description="message/rfc822 bodies only: see the JSON field"
+    )
+    model: SafeStr | None = Field(
+        None, description="message/rfc822 bodies only: see the JSON field"
+    )
+
+
+# The body and the query string are read by hand (JSON, or a raw message and its options), so
+# the schema documents both forms; FastAPI's per-request parameter solving is skipped for them.
 _BODY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": field.get("description", ""),
+            "schema": {k: v for k, v in field.items() if k != "description"},
+        }
+        for name, field in MailOptions.model_json_schema()["properties"].items()
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -48,7 +80,7 @@ _BODY: dict[str, Any] = {
         },
         "description": "a JSON request, or one raw RFC 822 message (the options as query "
         "parameters); the message's exact bytes are parsed, 8-bit charsets included",
-    }
+    },
 }
 
 
@@ -78,38 +110,35 @@ async def _json_request(request: Request) -> ClassifyRequest:
         raise validation_error(exc.errors()) from exc
 
 
+def _mail_options(request: Request) -> MailOptions:
+    try:
+        return MailOptions.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]
+        raise validation_error(errors) from exc
+
+
 @router.post("/classify", response_model=ClassifyResponse, openapi_extra=_BODY)
-async def classify(
-    request: Request,
-    response: Response,
-    state: StateDep,
-    models: ModelsDep,
-    long_document: Annotated[
-        LongDocumentPolicy | None,
-        Query(description="message/rfc822 bodies only: see the JSON field"),
-    ] = None,
-    aggregation: Annotated[
-        Aggregation | None, Query(description="message/rfc822 bodies only: see the JSON field")
-    ] = None,
-    return_evidence: Annotated[
-        bool, Query(description="message/rfc822 bodies only: see the JSON field")
-    ] = False,
-    model: Annotated[
-        SafeStr | None, Query(description="message/rfc822 bodies only: see the JSON field")
-    ] = None,
-) -> Response:
+async def classify(request: Request, response: Response) -> Response:
     """Classify each text, or a raw message; texts over n_max tokens are chunked, truncated or
     refused. Email and HTML inputs report what was extracted from them."""
+    state = get_state(request.app)
+    models = await ready_models(state)
     media = _media_type(request)
     items: Sequence[str | bytes]
     input_format: InputFormat
+    long_document: LongDocumentPolicy | None
+    aggregation: Aggregation | None
     if media == MAIL_TYPE:
+        options = _mail_options(request)
         raw = await request.body()
         if not raw.strip():
             raise ApiError(422, "the message body is empty", code="empty", reason="invalid")
         items, input_format = [raw], "email"
+        long_document, aggregation = options.long_document, options.aggregation
+        return_evidence, model = options.return_evidence, options.model
     elif media == "application/json" or media.endswith("+json"):
-        if long_document is not None or aggregation is not None or return_evidence or model:
+        if set(request.query_params) & set(MailOptions.model_fields):
             raise ApiError(
                 422, "query parameters are for message/rfc822 bodies; put the options in the "
                 "JSON body", code="invalid_input", reason="invalid",

@@ -61,12 +61,11 @@ ModelsDep = Annotated[ModelRegistry, Depends(ready_models)]
 
 async def api_key(
     request: Request,
-    state: StateDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str | None:
     """The caller's key id; None when the server has no keys. 401 for a missing or wrong key
     (ApiKeyMiddleware has refused those already, before the body was read)."""
-    keys = state.settings.api_keys
+    keys = get_state(request.app).settings.api_keys
     if not keys:
         return None
     checked = request.scope.get("state", {}).get(KEY_ID)

@@ -8,8 +8,9 @@ from service.inputs import extract_inputs
 from service.middleware import request_id
 from service.responses import json_body, moderation_response, served_model
 from service.routes.caller import classify_for_caller
-from service.routes.deps import ModelsDep, StateDep, api_key, require_json
+from service.routes.deps import api_key, ready_models, require_json
 from service.schemas import ERROR_RESPONSES, ModerationRequest, ModerationResponse
+from service.state import get_state
 
 router = APIRouter(
     prefix="/v1",
@@ -20,15 +21,11 @@ router = APIRouter(
 
 
 @router.post("/moderations", response_model=ModerationResponse)
-async def moderations(
-    body: ModerationRequest,
-    request: Request,
-    response: Response,
-    state: StateDep,
-    models: ModelsDep,
-) -> Response:
+async def moderations(body: ModerationRequest, request: Request, response: Response) -> Response:
     """Moderate each input; the categories are the model's flag labels. Email and HTML inputs
     report what was extracted from them."""
+    state = get_state(request.app)
+    models = await ready_models(state)
     served = served_model(models, body.model, openai_moderation=True)
     texts, extractions = await extract_inputs(body.texts(), body.input_format, state.settings)
     async with served.lease():

@@ -68,4 +68,32 @@ def test_assemble_takes_every_fragment_in_order(tmp_path: Path) -> None:
 def test_run_all_arguments() -> None:
     args = parse(["--quick", "--only", "engine", "load"])
     assert args.quick and args.only == ["engine", "load"]
-    assert list(BENCHMARKS) == ["attention", "engine", "load"]
+    assert list(BENCHMARKS) == ["attention", "engine", "costgrid", "load"]
+
+
+def test_process_tree_cpu_counts_children() -> None:
+    import subprocess
+    import sys
+
+    from bench.loadgen import process_tree_cpu_s
+
+    # A parent that starts a child burning CPU, and waits: the child's time is the tree's.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+    code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        seen = 0.0
+        while time.monotonic() < deadline and seen < 0.3:
+            seen = process_tree_cpu_s(parent.pid)
+            time.sleep(0.05)
+        assert seen >= 0.3  # the child's busy loop, counted while it is alive
+    finally:
+        parent.kill()
+        parent.wait()
