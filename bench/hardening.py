@@ -84,37 +84,51 @@ def small_latencies(url: str, n: int) -> tuple[list[float], Counter[int]]:
     return times, statuses
 
 
+def attack(url: str, clients: int, seconds: float, out: Any) -> None:
+    """`clients` threads each sending ~4 MB classify requests back to back for `seconds`; puts
+    their outcome counts on `out`. Runs in its own process, so the attackers' client work does
+    not hold the GIL of the process that times the small client."""
+    body = json.dumps({"input": ["Win a free prize now! " * 11_300] * 16}).encode()
+    large: Counter[str] = Counter()
+    stop = time.monotonic() + seconds
+
+    def attacker() -> None:
+        with httpx.Client(base_url=url, headers=auth(KEYS[1]), timeout=120) as http:
+            while time.monotonic() < stop:
+                try:
+                    r = http.post(
+                        "/v1/classify", content=body, headers={"content-type": "application/json"}
+                    )
+                    large[str(r.status_code)] += 1
+                except httpx.TimeoutException:
+                    large["timeout"] += 1
+                except httpx.HTTPError as exc:
+                    large[type(exc).__name__] += 1
+
+    threads = [threading.Thread(target=attacker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put((len(body), dict(large)))
+
+
 def hol(model_dir: Path, n: int) -> list[list[Any]]:
-    body = json.dumps({"input": ["Win a free prize now! " * 11_300] * 16}).encode()  # ~4 MB
+    import multiprocessing
+
     with tempfile.TemporaryDirectory() as tmp, server(model_dir, Path(tmp) / "jobs.db") as (url, _):
         small_latencies(url, 20)  # warm the connection and caches
+        start = time.monotonic()
         idle, _ = small_latencies(url, n)
-        large: Counter[str] = Counter()
-        stop = threading.Event()
-
-        def attacker() -> None:
-            with httpx.Client(base_url=url, headers=auth(KEYS[1]), timeout=120) as http:
-                while not stop.is_set():
-                    try:
-                        r = http.post(
-                            "/v1/classify",
-                            content=body,
-                            headers={"content-type": "application/json"},
-                        )
-                        large[str(r.status_code)] += 1
-                    except httpx.TimeoutException:
-                        large["timeout"] += 1
-                    except httpx.HTTPError as exc:
-                        large[type(exc).__name__] += 1
-
-        threads = [threading.Thread(target=attacker) for _ in range(20)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
+        seconds = 2 * (time.monotonic() - start) + 5  # outlasts the loaded run
+        ctx = multiprocessing.get_context("spawn")
+        results = ctx.Queue()
+        attackers = ctx.Process(target=attack, args=(url, 20, seconds, results))
+        attackers.start()
+        time.sleep(2)  # the attack is under way (the process started, the clients connected)
         loaded, small_statuses = small_latencies(url, n)
-        stop.set()
-        for t in threads:
-            t.join()
+        size, large = results.get(timeout=seconds + 120)
+        attackers.join()
     p99_idle, p99_loaded = percentile(idle, 99) * 1000, percentile(loaded, 99) * 1000
     return [
         ["small client p50 idle / under attack (ms)",
@@ -122,7 +136,7 @@ def hol(model_dir: Path, n: int) -> list[list[Any]]:
         ["small client p99 idle / under attack (ms)", f"{p99_idle:.1f} / {p99_loaded:.1f}"],
         ["p99 ratio (target <= 3x)", f"{p99_loaded / p99_idle:.2f}x"],
         ["small client statuses under attack", dict(small_statuses)],
-        [f"4 MB requests ({len(body)} bytes), 20 clients: statuses", dict(large)],
+        [f"4 MB requests ({size} bytes), 20 clients in another process: statuses", large],
     ]  # fmt: skip
 
 

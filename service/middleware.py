@@ -173,7 +173,9 @@ class BodyAdmissionMiddleware:
             self.metrics.rejections.labels("queue_full").inc()
             message = "the server is busy with large requests; retry after 1 s"
             body = error_body(message, "rate_limit_error", "queue_full")
-            response = JSONResponse(body, status_code=429, headers={"Retry-After": "1"})
+            response = JSONResponse(
+                body, status_code=429, headers={"Retry-After": "1", "Connection": "close"}
+            )
             await response(scope, receive, send)
             return
         try:

@@ -22,6 +22,9 @@ DEFAULT_FILENAME = "upload.jsonl"
 
 def text_problem(value: str) -> str | None:
     """What makes `value` unusable as text, or None when it is fine."""
+    if value.isascii():  # a flag of the string, no scan: only a NUL can be wrong (memchr)
+        at = value.find("\x00")
+        return None if at < 0 else f"contains a NUL character (at {at})"
     found = _UNSAFE.search(value)
     if found is None:
         return None

@@ -4,6 +4,7 @@ JSON body, or one raw mail message as a `message/rfc822` body.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -88,12 +89,12 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _json_request(request: Request) -> ClassifyRequest:
-    raw = await request.body()
-    if not raw:
-        raise ApiError(
-            422, "invalid request: body: field required", code="invalid_input", reason="invalid"
-        )
+# Parsing and validating a body this large takes milliseconds (about 40 ms for 4 MB): it runs
+# in a worker thread, where the event loop can take the GIL back between steps.
+LARGE_BODY = 64 * 1024
+
+
+def _parse(raw: bytes) -> ClassifyRequest:
     try:
         data = json.loads(raw)
     except UnicodeDecodeError as exc:
@@ -108,6 +109,17 @@ async def _json_request(request: Request) -> ClassifyRequest:
         return ClassifyRequest.model_validate(data, from_attributes=True)
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
+
+
+async def _json_request(request: Request) -> ClassifyRequest:
+    raw = await request.body()
+    if not raw:
+        raise ApiError(
+            422, "invalid request: body: field required", code="invalid_input", reason="invalid"
+        )
+    if len(raw) > LARGE_BODY:
+        return await asyncio.to_thread(_parse, raw)
+    return _parse(raw)
 
 
 def _mail_options(request: Request) -> MailOptions:

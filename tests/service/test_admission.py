@@ -99,6 +99,8 @@ async def test_large_bodies_share_a_budget_before_parsing(gated: Any) -> None:
     await until(lambda: len(calls) == 1)
     refused = await client.post("/v1/classify", content=big, headers=JSON)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+    # The body was never read: the connection closes rather than draining megabytes of it.
+    assert refused.headers["connection"] == "close"
     small = asyncio.create_task(client.post("/v1/classify", json={"input": "small"}))
     await until(lambda: len(calls) == 2)  # small bodies are not held back by it
     gate.set()

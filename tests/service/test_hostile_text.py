@@ -194,3 +194,13 @@ async def test_any_text_in_any_text_field_is_never_a_5xx(
     for url in ("/v1/files/{}", "/v1/files/{}/content", "/v1/batches/{}", "/v1/batches?after={}"):
         response = await client.get(url.format(escaped))
         assert response.status_code < 500, (url, text, response.text)
+
+
+def test_the_ascii_fast_path_finds_what_the_scan_finds() -> None:
+    from service.texts import text_problem
+
+    assert text_problem("plain ascii") is None
+    assert text_problem("ab\x00c") == "contains a NUL character (at 2)"
+    assert text_problem("caf\u00e9\x00") == "contains a NUL character (at 4)"
+    assert "U+D800" in (text_problem("x\ud800") or "")
+    assert text_problem("caf\u00e9") is None
