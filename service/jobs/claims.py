@@ -60,13 +60,20 @@ class LineClaims:
         self.clock = clock
 
     def claim_lines(
-        self, worker: str, batch_ids: Sequence[str], n: int, lease_s: float
+        self,
+        worker: str,
+        batch_ids: Sequence[str],
+        n: int,
+        lease_s: float,
+        lapsed_only: bool = False,
     ) -> tuple[list[ClaimedLine], int]:
         """Up to n pending (or lapsed) lines of in-progress batches, oldest batch first; and how
-        many lapsed lines failed instead, their workers having died on them MAX_ATTEMPTS times."""
+        many lapsed lines failed instead, their workers having died on them MAX_ATTEMPTS times.
+        `lapsed_only`: only lines whose worker's lease has lapsed (a dead replica's)."""
         now = self.clock()
         b = batch_lines.c
-        claimable = or_(b.state == PENDING, and_(b.state == CLAIMED, b.lease_expires < now))
+        lapsed = and_(b.state == CLAIMED, b.lease_expires < now)
+        claimable = lapsed if lapsed_only else or_(b.state == PENDING, lapsed)
         claimed: list[ClaimedLine] = []
         failed = 0
         with self.db.write() as conn:

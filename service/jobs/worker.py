@@ -52,6 +52,7 @@ class JobWorker:
         self._inflight: dict[LineKey, asyncio.Task[None]] = {}
         self._results: list[LineResult] = []
         self._writing = 0  # results taken by the writer and not yet stored
+        self._lapsed_check_at = 0.0  # monotonic time of the next claim pass for lapsed lines only
         self._release: list[LineKey] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -220,11 +221,20 @@ class JobWorker:
         # Lines run but not yet written still hold their leases: claiming more while results
         # pile up lets leases lapse and a drain overrun, so they count against the room too.
         room = 2 * s.job_claim_lines - len(self._inflight) - len(self._results) - self._writing
-        if not running or room < s.job_claim_lines or not self._state.ready or self._stopping:
+        if not running or not self._state.ready or self._stopping:
             return False
+        lapsed_only = room < s.job_claim_lines
+        if lapsed_only:
+            # Full, but a dead replica's lines (their leases lapsed) are taken at once rather
+            # than when this one has room: checked at most once per poll interval.
+            now = time.monotonic()
+            if now < self._lapsed_check_at:
+                return False
+            self._lapsed_check_at = now + s.job_poll_s
         lines, spent = await self.db.run(
-            self.claims.claim_lines, self.id, list(running), s.job_claim_lines, s.job_lease_s
-        )
+            self.claims.claim_lines, self.id, list(running), s.job_claim_lines, s.job_lease_s,
+            lapsed_only,
+        )  # fmt: skip
         self._count_failed(spent)
         for line in lines:
             key = (line.batch_id, line.line_no)

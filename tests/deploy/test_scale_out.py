@@ -289,12 +289,13 @@ def test_replicas_survive_a_kill_and_a_rolling_restart_under_load(
         assert figures["lines claimed twice"] <= len(held), figures
         assert figures.get("lines it still held after exiting", 0) == 0, figures
         # Taken over within one lease period of the kill: the claims lapse at most one lease
-        # after the dead replica's last heartbeat, and a survivor's next claim pass takes them
-        # (allowed half a lease: on a loaded machine it waits for room among its own lines).
+        # after the dead replica's last heartbeat, and the survivors take lapsed lines at their
+        # next poll even when they have no room for new ones (allowed a second on a loaded
+        # machine).
         assert lease_end - killed_wall <= LEASE_S, figures
         assert takeover_s is not None, figures
         figures["lapse to takeover, s"] = round(takeover_s - (lease_end - killed_wall), 2)
-        assert takeover_s <= (lease_end - killed_wall) + LEASE_S / 2, figures
+        assert takeover_s <= (lease_end - killed_wall) + 1.0, figures
         # No interactive request failed because of the SIGTERM or on a surviving replica. A
         # failure is one in flight on the killed replica when it died: HAProxy logged it there,
         # or did not log it at all (a request cut off on a dead server may end unlogged).

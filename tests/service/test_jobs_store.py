@@ -208,6 +208,20 @@ def test_validation_sends_bad_lines_to_the_error_file(
     assert [r.custom_id for r in rows if r.state == "pending"] == ["r0", "r1", "r2"]
 
 
+def test_a_full_worker_takes_only_lapsed_lines(
+    store: JobStore, life: BatchLifecycle, claims: LineClaims, clock: Clock
+) -> None:
+    batch_id = make_batch(store, life, 10)
+    a, _ = claims.claim_lines("A", [batch_id], 3, LEASE)
+    # Nothing has lapsed: a worker without room takes nothing, pending lines stay for others.
+    assert claims.claim_lines("B", [batch_id], 5, LEASE, lapsed_only=True) == ([], 0)
+    clock.now += LEASE + 1  # A has died
+    taken, _ = claims.claim_lines("B", [batch_id], 5, LEASE, lapsed_only=True)
+    assert [x.line_no for x in taken] == [x.line_no for x in a]
+    rest, _ = claims.claim_lines("C", [batch_id], 10, LEASE)
+    assert {x.line_no for x in rest}.isdisjoint(x.line_no for x in taken) and len(rest) == 7
+
+
 def test_claims_are_disjoint_and_a_lapsed_lease_is_taken_over(
     store: JobStore, life: BatchLifecycle, claims: LineClaims, clock: Clock
 ) -> None:
