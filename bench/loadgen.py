@@ -136,15 +136,18 @@ class ServerProcess:
         log: Path,
         ready_timeout: float = 300.0,
         ready_path: str = "/ready",
+        cwd: Path | None = None,
+        extra_env: dict[str, str] | None = None,
     ):
         self.cmd, self.url, self.log = cmd, url, log
         env = {k: v for k, v in os.environ.items() if not k.startswith("LINMOD_")}
+        env.update(extra_env or {})
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=BENCH_DIR.parent,
+                cwd=cwd or BENCH_DIR.parent,
                 env=env,
                 start_new_session=True,
             )
