@@ -124,7 +124,7 @@ def check_target(measured: float, bound: float, at_least: bool = True) -> str:
     if ok:
         return "met"
     short = (bound - measured) / bound if at_least else (measured - bound) / bound
-    return f"missed by {100 * short:.0f}%"
+    return f"missed by {100 * short:.1f}%" if short < 0.01 else f"missed by {100 * short:.0f}%"
 
 
 def f1_score(scores: Sequence[float], truth: Sequence[bool], threshold: float) -> float:

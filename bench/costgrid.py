@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n\n".join(
         [
             markdown_table(HEADERS, rows),
-            f"Calibration took {model.calibration_s:.1f} s. Batching gain by length (the best "
-            "windows/s of any batch over one window per run): "
+            f"Calibration took {model.calibration_s:.1f} s. Batching gain by length (batches' "
+            "windows/s over one window per run, the median over batch sizes): "
             + ", ".join(f"{n}: {g:.2f}x" for n, g in model.gains().items())
             + ".",
             f"Policy for `--batching auto`: **{'batch' if policy.batching else 'one per run'}**"

@@ -333,16 +333,22 @@ def report(
             True,
         ),
         (
-            "CPU ms per document outside the engine <= the naive server's, at 32 clients",
-            at32[10] / naive32[10],
-            1.0,
+            "CPU ms per document outside the engine <= the naive server's, at 32 clients "
+            f"(ours {at32[10]:.1f}, the naive server's {naive32[10]:.1f}; their difference)",
+            at32[10] - naive32[10],
+            0.0,
             False,
         ),
         ("p50 at 1 client <= the naive server's", at1[3] / naive1[3], 1.0, False),
         ("p99 <= 3x p50 at 32 clients", at32[5] / at32[3], 3.0, False),
         ("interactive p99 during a batch job <= 2x idle", busy[5] / idle[5], 2.0, False),
     ]
-    targets = [[name, f"{v:.2f}", check_target(v, b, at_least)] for name, v, b, at_least in checks]
+    targets = [
+        [name, f"{v:.2f}", "met" if v <= b else "missed"]
+        if b == 0.0
+        else [name, f"{v:.2f}", check_target(v, b, at_least)]
+        for name, v, b, at_least in checks
+    ]
     offline_table = markdown_table(
         ["offline schedule", "docs_per_s", "cpu_ms_per_doc"],
         [[o.name, o.docs_per_s, o.cpu_ms_per_doc] for o in offline],

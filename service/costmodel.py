@@ -68,7 +68,7 @@ class CostModel:
         repeat_below_s: float = 0.1,
     ) -> CostModel:
         """Time the engine over the grid: the median of `repeats` runs after a first one, or
-        the first alone where it took over `repeat_below_s`. A row stops at a run slower than
+        one run after it where the first took over `repeat_below_s`. A row stops at a run slower than
         `max_run_s`, the whole grid at `budget_s`, so a large model on a slow host still
         starts."""
         model = cls()
@@ -84,7 +84,10 @@ class CostModel:
                 run(ids, mask)  # the first run of a shape pays for allocations
                 first = time.perf_counter() - t0
                 times = []
-                for _ in range(repeats if first < repeat_below_s else 0):
+                # The first run of a shape is cold: at least one more is timed, unless the
+                # first was too slow to repeat at all.
+                timed = repeats if first < repeat_below_s else (1 if first < max_run_s else 0)
+                for _ in range(timed):
                     t0 = time.perf_counter()
                     run(ids, mask)
                     times.append(time.perf_counter() - t0)
@@ -138,17 +141,20 @@ class CostModel:
         return raw * self.scale
 
     def gains(self) -> dict[int, float]:
-        """Per measured length: the best windows/s of any measured batch over one by one."""
-        out: dict[int, float] = {}
+        """Per measured length: batches' windows/s over one window per run, the median over the
+        measured batch sizes (a median, not the best: on a noisy host one lucky timing would
+        otherwise decide)."""
+        ratios: dict[int, list[float]] = {}
         for (batch, length), seconds in self.points.items():
             single = self.points.get((1, length))
             if single is None or batch == 1:
                 continue
-            out[length] = max(out.get(length, 1.0), batch * single / seconds)
-        return dict(sorted(out.items()))
+            ratios.setdefault(length, []).append(batch * single / seconds)
+        return {n: statistics.median(r) for n, r in sorted(ratios.items())}
 
     def policy(self, mode: BatchingMode) -> BatchingPolicy:
-        """`on`/`off` as asked; `auto` batches when the median length's gain is >= MIN_GAIN."""
+        """`on`/`off` as asked; `auto` batches when the median of the lengths' gains is >=
+        MIN_GAIN."""
         if mode == "on":
             return BatchingPolicy(mode, True, "batching forced on")
         if mode == "off":
@@ -159,12 +165,12 @@ class CostModel:
         gain = statistics.median(gains.values())
         if gain >= MIN_GAIN:
             return BatchingPolicy(
-                mode, True, f"batches run {gain:.2f}x the windows/s of single runs (median length)"
+                mode, True, f"batches run {gain:.2f}x the windows/s of single runs (median)"
             )
         return BatchingPolicy(
             mode,
             False,
-            f"batches reach only {gain:.2f}x the windows/s of single runs (median length; "
+            f"batches reach only {gain:.2f}x the windows/s of single runs (median; "
             f"{MIN_GAIN:.2f}x needed): one window per run, at once",
         )
 
