@@ -5,14 +5,17 @@ split (a private, temporary database), local tests only, threshold chosen like t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.header import Header
 from pathlib import Path
@@ -66,6 +69,20 @@ def missing_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (Debian: apt-get install spamassassin)"
     return None
+
+
+@contextlib.contextmanager
+def _account_state_dir_kept() -> Iterator[None]:
+    """SpamAssassin creates ~/.spamassassin of the account (from the password database, not
+    $HOME) even when HOME points elsewhere; an empty one it created is removed afterwards, so
+    a run leaves the user's SpamAssassin directory as it found it."""
+    state = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".spamassassin"
+    existed = state.exists()
+    try:
+        yield
+    finally:
+        if not existed and state.is_dir() and not any(state.iterdir()):
+            state.rmdir()
 
 
 def sa_version() -> str:
@@ -202,7 +219,7 @@ def spamassassin_scores(
         return {**json.loads(cached.read_text()), "cached": True}
     t0 = time.time()
     workers = workers or max(1, min(4, os.cpu_count() or 1))
-    with tempfile.TemporaryDirectory(prefix="linmod-sa-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="linmod-sa-") as tmp, _account_state_dir_kept():
         work = Path(tmp)
         (work / "home").mkdir()
         # Never the user's or the system's Bayes database, and nothing learnt while scoring.

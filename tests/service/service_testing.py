@@ -106,17 +106,13 @@ async def serving(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://linmod") as client:
-            for _ in range(500):
-                if (await client.get("/ready")).status_code == 200:
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the app never became ready")
+            # Warm-up times the engine over batch shapes: seconds for a real model.
+            await wait_ready(client)
             yield client
 
 
-async def wait_ready(client: httpx.AsyncClient | Any, attempts: int = 500) -> None:
-    """Poll /ready until 200 (each attempt 10 ms apart)."""
+async def wait_ready(client: httpx.AsyncClient | Any, attempts: int = 12_000) -> None:
+    """Poll /ready until 200 (each attempt 10 ms apart: two minutes at most)."""
     for _ in range(attempts):
         if (await client.get("/ready")).status_code == 200:
             return

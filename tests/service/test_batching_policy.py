@@ -56,8 +56,8 @@ def test_calibration_measures_the_grid_within_the_token_budget() -> None:
     shapes = set(model.points)
     assert (1, 512) in shapes and (8, 128) in shapes and (4, 512) in shapes
     assert all(b * n <= 2048 for b, n in shapes if b > 1)
-    for (b, n), seconds in model.points.items():  # sleep overshoots, never undershoots
-        assert cpu_like(b, n) <= seconds < cpu_like(b, n) + 0.003
+    for (b, n), seconds in model.points.items():  # sleep overshoots (more on a busy host)
+        assert cpu_like(b, n) <= seconds < 3 * cpu_like(b, n) + 0.05
     # Between and beyond measured points the prediction follows the measured surface.
     assert model.cost(1, 256) == pytest.approx(cpu_like(1, 256), rel=0.5)
     assert model.cost(6, 128) == pytest.approx(cpu_like(6, 128), rel=0.5)
@@ -66,7 +66,7 @@ def test_calibration_measures_the_grid_within_the_token_budget() -> None:
 
 def test_a_gpu_like_engine_batches_and_a_cpu_like_one_does_not() -> None:
     gpu, cpu = calibrate(gpu_like), calibrate(cpu_like)
-    assert min(gpu.gains().values()) > 3
+    assert min(gpu.gains().values()) > 2  # about 4: sleeps overshoot on a busy host
     assert max(cpu.gains().values()) < 1.15
     on, off = gpu.policy("auto"), cpu.policy("auto")
     assert on.batching and "batches run" in on.reason
