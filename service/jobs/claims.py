@@ -69,11 +69,15 @@ class LineClaims:
     ) -> tuple[list[ClaimedLine], int]:
         """Up to n pending (or lapsed) lines of in-progress batches, oldest batch first; and how
         many lapsed lines failed instead, their workers having died on them MAX_ATTEMPTS times.
-        `lapsed_only`: only lines whose worker's lease has lapsed (a dead replica's)."""
+        `lapsed_only`: only other workers' lines whose lease has lapsed (a dead replica's); this
+        worker's own lapsed lines are still in its hands (running, or waiting to be written)."""
         now = self.clock()
         b = batch_lines.c
         lapsed = and_(b.state == CLAIMED, b.lease_expires < now)
-        claimable = lapsed if lapsed_only else or_(b.state == PENDING, lapsed)
+        if lapsed_only:
+            claimable = and_(lapsed, b.worker != worker)
+        else:
+            claimable = or_(b.state == PENDING, lapsed)
         claimed: list[ClaimedLine] = []
         failed = 0
         with self.db.write() as conn:

@@ -216,6 +216,8 @@ def test_a_full_worker_takes_only_lapsed_lines(
     # Nothing has lapsed: a worker without room takes nothing, pending lines stay for others.
     assert claims.claim_lines("B", [batch_id], 5, LEASE, lapsed_only=True) == ([], 0)
     clock.now += LEASE + 1  # A has died
+    # A's own lapsed lines are still A's to finish: its lapsed-only pass leaves them.
+    assert claims.claim_lines("A", [batch_id], 5, LEASE, lapsed_only=True) == ([], 0)
     taken, _ = claims.claim_lines("B", [batch_id], 5, LEASE, lapsed_only=True)
     assert [x.line_no for x in taken] == [x.line_no for x in a]
     rest, _ = claims.claim_lines("C", [batch_id], 10, LEASE)
