@@ -15,13 +15,14 @@ queued or running); with `wait_for_room=True` a job waits for room instead of be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from service.artifact import IntArray, pad_batch
+from service.artifact import FloatArray, IntArray, pad_batch
 from service.costmodel import BatchingPolicy, CostModel
 from service.engine import Engine
 from service.metrics import Metrics
@@ -80,6 +81,7 @@ class DynamicBatcher:
         self._closing = False
         self._live: set[PendingRequest] = set()  # admitted, not yet answered
         self._tasks: list[asyncio.Task[None]] = []
+        self._direct: set[asyncio.Future[None]] = set()  # runs started by `submit` itself
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="linmod-engine")
 
     async def start(self) -> None:
@@ -155,9 +157,12 @@ class DynamicBatcher:
                 request.future.add_done_callback(lambda _: self._live.discard(request))
                 now = loop.time()
                 items = [QueuedWindow(request, i, w, now) for i, w in enumerate(windows)]
-                self._pending[priority].extend(items)
-                self._account(priority, sum(i.length for i in items))
-                self._wakeup.set()
+                if self._runs_at_once(items):
+                    self._run_now(loop, items)
+                else:
+                    self._pending[priority].extend(items)
+                    self._account(priority, sum(i.length for i in items))
+                    self._wakeup.set()
                 await request.future
         except TimeoutError:
             self._abandon(request)
@@ -179,7 +184,7 @@ class DynamicBatcher:
         self._room.set()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.gather(*self._tasks)
+                await asyncio.gather(*self._tasks, *self._direct)
         except TimeoutError:
             for task in self._tasks:
                 task.cancel()
@@ -294,7 +299,9 @@ class DynamicBatcher:
         """Enough windows of one priority are waiting to fill a batch (priorities do not mix)."""
         items, tokens = len(self._pending[priority]), self._tokens[priority]
         if not self.policy.batching:
-            return items > 0
+            # One window per run: it waits in the queue (where a caller that goes, or a
+            # deadline, can still take it back) until a runner is free.
+            return items > 0 and self._runner_idle
         return items >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
     def _select(self, anchor: QueuedWindow) -> list[QueuedWindow]:
@@ -367,16 +374,85 @@ class DynamicBatcher:
             # Alone (no other run, nothing queued), a run may take every core.
             solo = self._idle == self._workers - 1 and not any(self._pending.values())
             logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask, solo)
-            if logits.shape != (len(batch), self._num_labels):
-                raise RuntimeError(f"engine returned logits of shape {logits.shape}")
         except Exception as exc:
-            log.exception("inference failed", extra={"batch": ids.shape[0], "length": ids.shape[1]})
-            failed = {id(i.request): i.request for i in batch}.values()
-            for request in failed:
-                self._metrics.rejections.labels("engine_error").inc()
-                self._fail(request, BatchFailedError(f"inference failed: {str(exc)[:300]}"))
+            self._failed(batch, ids, exc)
             return
-        seconds = time.perf_counter() - start
+        self._completed(batch, ids, mask, logits, time.perf_counter() - start)
+
+    # -- one window at once ------------------------------------------------------------------
+
+    def _runs_at_once(self, items: list[QueuedWindow]) -> bool:
+        """Batching off, one interactive window, nothing queued, a runner free and no batch
+        waiting for one: the forming task would hand it straight to a runner, so it skips both
+        tasks. (With batching on, requests arriving together still meet in the queue.)"""
+        return (
+            not self.policy.batching
+            and len(items) == 1
+            and items[0].request.priority is Priority.INTERACTIVE
+            and not self._closing
+            and self._runner_idle
+            and self._ready.empty()
+            and not any(self._pending.values())
+        )
+
+    def _run_now(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
+        """Start `batch` on a free runner from the caller's own task: no forming-task and
+        runner-task hops between the request and the engine thread. The runner stays taken
+        until the engine returns, even when the caller has gone."""
+        self._idle -= 1
+        wait = self._metrics.queue_wait.labels(batch[0].request.priority.label)
+        for _ in batch:
+            wait.observe(0.0)
+        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
+        solo = self._idle == self._workers - 1
+        done: asyncio.Future[None] = loop.create_future()
+        self._direct.add(done)
+        start = time.perf_counter()
+
+        def finish(future: Future[FloatArray]) -> None:
+            try:
+                logits = future.result()
+            except Exception as exc:
+                self._failed(batch, ids, exc)
+            else:
+                self._completed(batch, ids, mask, logits, time.perf_counter() - start)
+            finally:
+                self._idle += 1
+                self._nudge()
+                self._direct.discard(done)
+                done.set_result(None)
+
+        def returned(future: Future[FloatArray]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(finish, future)
+
+        self._executor.submit(self._engine.run, ids, mask, solo).add_done_callback(returned)
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _failed(self, batch: list[QueuedWindow], ids: IntArray, exc: Exception) -> None:
+        log.exception(
+            "inference failed", extra={"batch": ids.shape[0], "length": ids.shape[1]},
+            exc_info=exc,
+        )  # fmt: skip
+        failed = {id(i.request): i.request for i in batch}.values()
+        for request in failed:
+            self._metrics.rejections.labels("engine_error").inc()
+            self._fail(request, BatchFailedError(f"inference failed: {str(exc)[:300]}"))
+
+    def _completed(
+        self,
+        batch: list[QueuedWindow],
+        ids: IntArray,
+        mask: IntArray,
+        logits: FloatArray,
+        seconds: float,
+    ) -> None:
+        if logits.shape != (len(batch), self._num_labels):
+            self._failed(
+                batch, ids, RuntimeError(f"engine returned logits of shape {logits.shape}")
+            )
+            return
         self._run_seconds = 0.8 * self._run_seconds + 0.2 * seconds
         self.cost.observe(len(batch), int(ids.shape[1]), seconds)
         self._metrics.observe_batch(len(batch), int(mask.sum()), int(mask.size), seconds)

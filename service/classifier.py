@@ -117,9 +117,7 @@ class Classifier:
                     )
                     ids = [doc for doc, _ in encoded]
                 else:
-                    ids = await self._tokenize(
-                        texts, wait_for_room, self._encoder.encode, self._encoder.encode_here
-                    )
+                    ids = await self._tokenize(texts, wait_for_room, self._encoder.encode)
         except TimeoutError:
             self._metrics.rejections.labels("deadline").inc()
             raise DeadlineExceededError(
@@ -178,17 +176,15 @@ class Classifier:
         texts: Sequence[str],
         wait_for_room: bool,
         encode: Callable[[Sequence[str]], list[T]],
-        encode_here: Callable[[Sequence[str]], list[T]] | None = None,
     ) -> list[T]:
         """Token ids, once the texts' characters fit the tokenizer's budget; they are held until
-        the thread has finished, even when the caller has gone, so the budget bounds real work.
-        `encode_here` is the variant to call on the loop's own thread (default: `encode`)."""
+        the thread has finished, even when the caller has gone, so the budget bounds real work."""
         chars = sum(len(t) for t in texts)
         if chars <= self.inline_chars and self._batcher.idle(requests=1):
             # On an idle server a short text costs less to tokenize here than the two thread
             # hops would add to its latency; under load the loop has other work to do.
             self.gate.admit_size(chars)
-            return (encode_here or encode)(texts)
+            return encode(texts)
         if wait_for_room:
             self.gate.admit_size(chars)
             await self.gate.budget.acquire(chars)

@@ -54,19 +54,13 @@ class DocumentEncoder:
         return cls(Tokenizer.from_file(str(path)))
 
     def encode(self, texts: Sequence[str]) -> list[IntArray]:
-        """Token ids of each text (blocking; call it from a worker thread)."""
+        """Token ids of each text (blocking: from a worker thread, or on the event loop for a
+        short text on an idle server)."""
         # The batch call releases the GIL (the single-text `encode` does not), so the event loop
-        # keeps serving while a tokenizer thread works.
+        # keeps serving while a tokenizer thread works, and it skips the character offsets the
+        # single-text call computes (about 20% quicker on one text).
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-
-    def encode_here(self, texts: Sequence[str]) -> list[IntArray]:
-        """Token ids of each text, computed in this thread: no hand-off to the tokenizer's own
-        thread pool, for a short text on an otherwise idle server."""
-        return [
-            np.asarray(self._tokenizer.encode(t, add_special_tokens=False).ids, dtype=np.int64)
-            for t in texts
-        ]
 
     def encode_offsets(self, texts: Sequence[str]) -> list[tuple[IntArray, list[tuple[int, int]]]]:
         """Token ids of each text and each token's character offsets in it (slower than

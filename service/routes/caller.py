@@ -38,30 +38,38 @@ async def classify_for_caller(
     check_limits(texts, settings)
     arrived = started_at(request.scope) or asyncio.get_running_loop().time()
     deadline = arrived + settings.request_timeout_s
-    work = asyncio.ensure_future(
-        classifier.classify(
+    # The classification runs in this task; a watcher cancels it if the client goes away.
+    this = asyncio.current_task()
+    assert this is not None
+    left = False
+
+    def client_left(watcher: asyncio.Future[None]) -> None:
+        nonlocal left
+        if not watcher.cancelled() and watcher.exception() is None:
+            left = True
+            this.cancel()
+
+    gone = asyncio.ensure_future(_disconnected(request))
+    gone.add_done_callback(client_left)
+    try:
+        outcome = await classifier.classify(
             texts,
             long_document=long_document or settings.long_document,
             aggregation=aggregation,
             deadline=deadline,
             evidence=evidence,
         )
-    )
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            # The client has gone (or the server stops): its windows leave the queue.
-            work.cancel()
-            await asyncio.wait({work})
-    if work.cancelled():
-        raise ApiError(499, "the client closed the request", code="client_closed")
-    try:
-        outcome = work.result()
+    except asyncio.CancelledError:
+        if not left:
+            raise  # the server stops
+        # The client has gone: its windows have left the queue.
+        this.uncancel()
+        raise ApiError(499, "the client closed the request", code="client_closed") from None
     except (BatcherError, DocumentError) as exc:
         raise from_classify_error(exc) from exc
+    finally:
+        gone.remove_done_callback(client_left)
+        gone.cancel()
     response.headers["x-tokenization-time-ms"] = f"{outcome.tokenize_s * 1000:.2f}"
     response.headers["x-queue-time-ms"] = f"{outcome.queue_s * 1000:.2f}"
     response.headers["x-inference-time-ms"] = f"{outcome.inference_s * 1000:.2f}"

@@ -368,3 +368,42 @@ async def test_any_mix_respects_the_limits_and_returns_each_windows_logits(
     for request, result in zip(windows, results, strict=True):
         for row, w in enumerate(request):
             np.testing.assert_array_equal(result.logits[row], engine.single(w))
+
+
+async def test_with_batching_off_a_lone_window_keeps_its_runner_until_the_engine_returns(
+    make: MakeBatcher, engine: ControlledEngine
+) -> None:
+    # One window, nothing queued, a runner free: the caller starts the run itself. Its caller
+    # going away must not free the runner while the engine thread is still busy.
+    batcher = await started(make(batching="off", max_wait_s=LONG))
+    engine.gate.clear()
+    gone = asyncio.create_task(batcher.submit([window(5, marker=80)]))
+    assert await asyncio.to_thread(engine.entered.acquire, timeout=5)
+    gone.cancel()
+    waiting = asyncio.create_task(batcher.submit([window(6, marker=81)]))
+    await settle()
+    assert not await asyncio.to_thread(engine.entered.acquire, timeout=0.05)
+    assert batcher.queued(Priority.INTERACTIVE) == (1, 6)
+    engine.gate.set()
+    result = await asyncio.wait_for(waiting, timeout=5)
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert markers(engine) == [[80], [81]]
+    assert result.logits.shape == (1, 2) and result.batches == 1
+    assert value(batcher._metrics, "linmod_batch_size_count") == 2
+
+
+async def test_shutdown_waits_for_a_run_started_at_once(
+    make: MakeBatcher, engine: ControlledEngine
+) -> None:
+    batcher = await started(make(batching="off"))
+    engine.gate.clear()
+    running = asyncio.create_task(batcher.submit([window(6, marker=82)]))
+    assert await asyncio.to_thread(engine.entered.acquire, timeout=5)
+    closing = asyncio.create_task(batcher.close(timeout=5))
+    await settle()
+    assert not closing.done() and not running.done()
+    engine.gate.set()
+    result = await asyncio.wait_for(running, timeout=5)
+    assert result.logits.shape == (1, 2)
+    await asyncio.wait_for(closing, timeout=5)
