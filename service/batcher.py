@@ -15,16 +15,15 @@ queued or running); with `wait_for_room=True` a job waits for room instead of be
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
-from service.artifact import FloatArray, IntArray, pad_batch
+from service.artifact import IntArray
 from service.costmodel import BatchingPolicy, CostModel
 from service.engine import Engine
+from service.engineruns import EngineRuns
 from service.metrics import Metrics
 from service.queueing import (
     BatcherClosedError,
@@ -38,6 +37,7 @@ from service.queueing import (
     QueueFullError,
     RequestTooLargeError,
     SubmitResult,
+    select_batch,
 )
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class DynamicBatcher:
+class DynamicBatcher(EngineRuns):
     """Owns the queue: one task forms batches; `engine.workers` tasks run them, each in its own
     thread. Until `calibrate` has measured the engine, `auto` batching behaves as `on`."""
 
@@ -123,10 +123,6 @@ class DynamicBatcher:
         """Wake the forming task, if it has anything to form (submit and close wake it too)."""
         if self._closing or any(self._pending.values()):
             self._wakeup.set()
-
-    @property
-    def _runner_idle(self) -> bool:
-        return self._idle > 0
 
     def queued(self, priority: Priority) -> tuple[int, int]:
         """(windows, tokens) waiting at this priority."""
@@ -281,7 +277,10 @@ class DynamicBatcher:
                 # interactive batch and one arriving waits behind at most one short job batch.
                 leave = leave and self._runner_idle
             if slot_free and leave:
-                return self._take(self._select(oldest))
+                if not self.policy.batching:
+                    return self._take([oldest])
+                pending = self._pending[priority]
+                return self._take(select_batch(oldest, pending, self.config, self.cost))
             timeout = None if expired or not slot_free else self.config.max_wait_s - waited
             try:
                 async with asyncio.timeout(timeout):
@@ -304,35 +303,6 @@ class DynamicBatcher:
             return items > 0 and self._runner_idle
         return items >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
-    def _select(self, anchor: QueuedWindow) -> list[QueuedWindow]:
-        """The oldest window of the first priority, then the closest in length that fit.
-
-        Anchoring on the oldest keeps the queue fair; choosing neighbours by length, and only
-        while real tokens stay `min_batch_fill` of padded ones, keeps padding small. Windows of
-        one priority share a batch: batch-job windows never lengthen an interactive run.
-        """
-        cfg = self.config
-        if not self.policy.batching:
-            return [anchor]
-        budget = cfg.max_batch_tokens
-        if anchor.request.priority is not Priority.INTERACTIVE:
-            budget = max(min(budget, cfg.max_job_batch_tokens), anchor.length)
-        selected, longest, real = [anchor], anchor.length, anchor.length
-        candidates = [i for i in self._pending[anchor.request.priority] if i is not anchor]
-        candidates.sort(key=lambda i: abs(i.length - anchor.length))  # stable: age breaks ties
-        for item in candidates:
-            if len(selected) == cfg.max_batch_size:
-                break
-            grown = max(longest, item.length)
-            padded = grown * (len(selected) + 1)
-            if padded <= budget and real + item.length >= cfg.min_batch_fill * padded:
-                selected.append(item)
-                longest, real = grown, real + item.length
-        if self.cost.points and len(selected) > 1:
-            # Of what fits, the prefix with the most windows per predicted second.
-            selected = selected[: self.cost.best_size([i.length for i in selected])]
-        return selected
-
     def _take(self, batch: list[QueuedWindow]) -> list[QueuedWindow]:
         now = asyncio.get_running_loop().time()
         taken = {id(item) for item in batch}
@@ -347,128 +317,6 @@ class DynamicBatcher:
                 wait.observe(now - item.enqueued)
                 item.request.queue_s = max(item.request.queue_s, now - item.enqueued)
         return batch
-
-    # -- running -----------------------------------------------------------------------------
-
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._ready.get()
-            self._nudge()  # the slot is free: the next batch may be formed
-            if batch is None:
-                return
-            live = [item for item in batch if not item.request.done]
-            try:
-                if live:
-                    await self._run(loop, live)
-            finally:
-                self._idle += 1
-                self._nudge()  # a partial batch held back for a busy engine may leave now
-                for priority in Priority:
-                    self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
-
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
-        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
-        start = time.perf_counter()
-        try:
-            # Alone (no other run, nothing queued), a run may take every core.
-            solo = self._idle == self._workers - 1 and not any(self._pending.values())
-            logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask, solo)
-        except Exception as exc:
-            self._failed(batch, ids, exc)
-            return
-        self._completed(batch, ids, mask, logits, time.perf_counter() - start)
-
-    # -- one window at once ------------------------------------------------------------------
-
-    def _runs_at_once(self, items: list[QueuedWindow]) -> bool:
-        """Batching off, one interactive window, nothing queued, a runner free and no batch
-        waiting for one: the forming task would hand it straight to a runner, so it skips both
-        tasks. (With batching on, requests arriving together still meet in the queue.)"""
-        return (
-            not self.policy.batching
-            and len(items) == 1
-            and items[0].request.priority is Priority.INTERACTIVE
-            and not self._closing
-            and self._runner_idle
-            and self._ready.empty()
-            and not any(self._pending.values())
-        )
-
-    def _run_now(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
-        """Start `batch` on a free runner from the caller's own task: no forming-task and
-        runner-task hops between the request and the engine thread. The runner stays taken
-        until the engine returns, even when the caller has gone."""
-        self._idle -= 1
-        wait = self._metrics.queue_wait.labels(batch[0].request.priority.label)
-        for _ in batch:
-            wait.observe(0.0)
-        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
-        solo = self._idle == self._workers - 1
-        done: asyncio.Future[None] = loop.create_future()
-        self._direct.add(done)
-        start = time.perf_counter()
-
-        def finish(future: Future[FloatArray]) -> None:
-            try:
-                logits = future.result()
-            except Exception as exc:
-                self._failed(batch, ids, exc)
-            else:
-                self._completed(batch, ids, mask, logits, time.perf_counter() - start)
-            finally:
-                self._idle += 1
-                self._nudge()
-                self._direct.discard(done)
-                done.set_result(None)
-
-        def returned(future: Future[FloatArray]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                loop.call_soon_threadsafe(finish, future)
-
-        self._executor.submit(self._engine.run, ids, mask, solo).add_done_callback(returned)
-
-    # -- results -----------------------------------------------------------------------------
-
-    def _failed(self, batch: list[QueuedWindow], ids: IntArray, exc: Exception) -> None:
-        log.exception(
-            "inference failed", extra={"batch": ids.shape[0], "length": ids.shape[1]},
-            exc_info=exc,
-        )  # fmt: skip
-        failed = {id(i.request): i.request for i in batch}.values()
-        for request in failed:
-            self._metrics.rejections.labels("engine_error").inc()
-            self._fail(request, BatchFailedError(f"inference failed: {str(exc)[:300]}"))
-
-    def _completed(
-        self,
-        batch: list[QueuedWindow],
-        ids: IntArray,
-        mask: IntArray,
-        logits: FloatArray,
-        seconds: float,
-    ) -> None:
-        if logits.shape != (len(batch), self._num_labels):
-            self._failed(
-                batch, ids, RuntimeError(f"engine returned logits of shape {logits.shape}")
-            )
-            return
-        self._run_seconds = 0.8 * self._run_seconds + 0.2 * seconds
-        self.cost.observe(len(batch), int(ids.shape[1]), seconds)
-        self._metrics.observe_batch(len(batch), int(mask.sum()), int(mask.size), seconds)
-        touched: set[int] = set()
-        for row, item in enumerate(batch):
-            request = item.request
-            if request.done:
-                continue
-            request.logits[item.index] = logits[row]
-            request.remaining -= 1
-            if id(request) not in touched:
-                touched.add(id(request))
-                request.inference_s += seconds
-                request.batches += 1
-            if request.remaining == 0:
-                request.future.set_result(None)
 
     def _fail(self, request: PendingRequest, error: BatcherError) -> None:
         if not request.future.done():

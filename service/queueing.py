@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.artifact import FloatArray, IntArray
-from service.costmodel import BatchingMode
+from service.costmodel import BatchingMode, CostModel
 
 
 class Priority(enum.IntEnum):
@@ -113,3 +113,50 @@ class QueuedWindow:
     @property
     def length(self) -> int:
         return int(self.ids.size)
+
+
+def select_batch(
+    anchor: QueuedWindow, pending: list[QueuedWindow], config: BatcherConfig, cost: CostModel
+) -> list[QueuedWindow]:
+    """The anchor (the oldest window of the first priority), then the windows of `pending` (its
+    priority's queue) closest to it in length that fit.
+
+    Anchoring on the oldest keeps the queue fair; choosing neighbours by length, and only while
+    real tokens stay `min_batch_fill` of padded ones, keeps padding small. Windows of one
+    priority share a batch: batch-job windows never lengthen an interactive run.
+    """
+    budget = config.max_batch_tokens
+    if anchor.request.priority is not Priority.INTERACTIVE:
+        budget = max(min(budget, config.max_job_batch_tokens), anchor.length)
+    selected, longest, real = [anchor], anchor.length, anchor.length
+    candidates = [i for i in pending if i is not anchor]
+    candidates.sort(key=lambda i: abs(i.length - anchor.length))  # stable: age breaks ties
+    for item in candidates:
+        if len(selected) == config.max_batch_size:
+            break
+        grown = max(longest, item.length)
+        padded = grown * (len(selected) + 1)
+        if padded <= budget and real + item.length >= config.min_batch_fill * padded:
+            selected.append(item)
+            longest, real = grown, real + item.length
+    if cost.points and len(selected) > 1:
+        # Of what fits, the prefix with the most windows per predicted second.
+        selected = selected[: cost.best_size([i.length for i in selected])]
+    return selected
+
+
+def deliver(batch: list[QueuedWindow], logits: FloatArray, seconds: float) -> None:
+    """Each window's logits to its request; a request whose windows have all run is answered."""
+    touched: set[int] = set()
+    for row, item in enumerate(batch):
+        request = item.request
+        if request.done:
+            continue
+        request.logits[item.index] = logits[row]
+        request.remaining -= 1
+        if id(request) not in touched:
+            touched.add(id(request))
+            request.inference_s += seconds
+            request.batches += 1
+        if request.remaining == 0:
+            request.future.set_result(None)

@@ -18,6 +18,7 @@ from service.middleware import request_id
 from service.responses import classify_response, json_body, served_model
 from service.routes.caller import classify_for_caller
 from service.routes.deps import api_key, ready_models
+from service.routes.direct import DirectRoute
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyRequest,
@@ -35,6 +36,7 @@ router = APIRouter(
     tags=["classify"],
     dependencies=[Depends(api_key)],
     responses=ERROR_RESPONSES,
+    route_class=DirectRoute,
 )
 
 

@@ -16,6 +16,11 @@ from service.state import ServiceState, get_state
 _bearer = HTTPBearer(auto_error=False, description="one of the server's API keys, if it has any")
 
 
+async def bearer_credentials(request: Request) -> HTTPAuthorizationCredentials | None:
+    """The Authorization header's bearer token, read as `Depends(_bearer)` reads it."""
+    return await _bearer(request)
+
+
 async def _state(request: Request) -> ServiceState:
     return get_state(request.app)
 
