@@ -91,12 +91,21 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-# Parsing and validating a body this large takes milliseconds (about 40 ms for 4 MB): it runs
-# in a worker thread, where the event loop can take the GIL back between steps.
+# Parsing and validating a body this large can take milliseconds (a 4 MB list of many short
+# strings runs a validator per string): it runs in a worker thread, where the event loop can
+# take the GIL back between steps.
 LARGE_BODY = 64 * 1024
 
 
 def _parse(raw: bytes) -> ClassifyRequest:
+    # pydantic's own JSON parser validates while it parses, about ten times quicker than
+    # json.loads then validation (0.7 against 7.8 ms for 4 MB). Bodies it cannot parse go the
+    # slow way below, whose messages say what is wrong (a lone surrogate, bad UTF-8, where).
+    try:
+        return ClassifyRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        if not any(e["type"] == "json_invalid" for e in exc.errors()):
+            raise validation_error(exc.errors()) from exc
     try:
         data = json.loads(raw)
     except UnicodeDecodeError as exc:
