@@ -153,6 +153,7 @@ def create_app(
         limit=settings.max_inflight_body_bytes,
         small=SMALL_BODY_BYTES,
         metrics=metrics,
+        refusal_delay_s=settings.large_body_refusal_delay_ms / 1000,
     )
     # Keys are checked before any route reads the body: no key, 401, whatever the body is.
     app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)

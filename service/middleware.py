@@ -147,17 +147,25 @@ class BodyLimitMiddleware:
 
 class BodyAdmissionMiddleware:
     """Bodies over `small` bytes on `paths` share `limit` bytes in flight (declared length, or
-    the full limit when undeclared), held until the response ends; 429 without reading the body
-    when there is no room. Smaller bodies pass: the batcher's queue bounds them."""
+    the full limit when undeclared), held until the response ends; 429 without reading the body,
+    after `refusal_delay_s`, when there is no room. Smaller bodies pass: the batcher's queue
+    bounds them."""
 
     def __init__(
-        self, app: ASGIApp, paths: frozenset[str], limit: int, small: int, metrics: Metrics
+        self,
+        app: ASGIApp,
+        paths: frozenset[str],
+        limit: int,
+        small: int,
+        metrics: Metrics,
+        refusal_delay_s: float = 0.0,
     ) -> None:
         self.app = app
         self.paths = paths
         self.budget = Budget(limit)
         self.small = small
         self.metrics = metrics
+        self.refusal_delay_s = refusal_delay_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -171,6 +179,10 @@ class BodyAdmissionMiddleware:
         cost = min(size, self.budget.limit)
         if not self.budget.try_acquire(cost):
             self.metrics.rejections.labels("queue_full").inc()
+            # The refusal waits a moment (a timer, no work): a client that retries at once,
+            # whatever Retry-After says, then cycles slower, and each cycle (a connection, a
+            # body sent into the socket, the reset that discards it) costs the host CPU.
+            await asyncio.sleep(self.refusal_delay_s)
             message = "the server is busy with large requests; retry after 1 s"
             body = error_body(message, "rate_limit_error", "queue_full")
             response = JSONResponse(

@@ -143,6 +143,13 @@ class Settings(BaseSettings):
         ge=1,
         description="bytes of classify bodies over 64 KiB being parsed or served at once (then 429)",
     )
+    large_body_refusal_delay_ms: float = Field(
+        250.0,
+        ge=0,
+        le=10_000,
+        description="how long the 429 for a large body refused before it is read waits before it "
+        "is sent: clients that retry at once cycle slower and cost the host less",
+    )
 
     # Mail and HTML inputs (input_format email or html, message/rfc822 bodies)
     mail_max_parts: int = Field(100, ge=1, description="MIME parts per message (then 413)")

@@ -89,7 +89,15 @@ async def test_the_deadline_covers_tokenizing(gated: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "gated", [{"max_inflight_body_bytes": 200_000, "max_tokenize_chars": 10**7}], indirect=True
+    "gated",
+    [
+        {
+            "max_inflight_body_bytes": 200_000,
+            "max_tokenize_chars": 10**7,
+            "large_body_refusal_delay_ms": 300,
+        }
+    ],
+    indirect=True,
 )
 async def test_large_bodies_share_a_budget_before_parsing(gated: Any) -> None:
     client, gate, calls = gated
@@ -97,8 +105,13 @@ async def test_large_bodies_share_a_budget_before_parsing(gated: Any) -> None:
     big = json.dumps({"input": "z" * 150_000})
     first = asyncio.create_task(client.post("/v1/classify", content=big, headers=JSON))
     await until(lambda: len(calls) == 1)
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
     refused = await client.post("/v1/classify", content=big, headers=JSON)
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1", refused.text
+    # The refusal is held back for the configured delay (a client retrying at once cycles
+    # slower); the request it refused was never read.
+    assert loop.time() - sent >= 0.3
     # The body was never read: the connection closes rather than draining megabytes of it.
     assert refused.headers["connection"] == "close"
     small = asyncio.create_task(client.post("/v1/classify", json={"input": "small"}))
