@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -245,26 +246,53 @@ def run_batch(url: str, key: str, lines: list[Any]) -> tuple[str, float]:
         return batch_id, time.perf_counter() - start
 
 
-def poison(model_dir: Path, n: int) -> list[list[Any]]:
-    poisoned = batch_lines_of(n, "p")
-    poisoned[n // 2]["custom_id"] = "\ud800"  # a lone surrogate: once, a batch stuck validating
+def beside(url: str, other: list[Any], n: int, prefix: str) -> tuple[float, str]:
+    """Seconds a clean n-line batch (KEYS[1]) takes while `other` runs as KEYS[0]'s batch;
+    and the other batch's id."""
+    results: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: results.update(other=run_batch(url, KEYS[0], other)))
+    thread.start()
+    time.sleep(0.2)
+    _, seconds = run_batch(url, KEYS[1], batch_lines_of(n, prefix))
+    thread.join()
+    return seconds, results["other"][0]
+
+
+def poison(model_dir: Path, n: int, repeats: int = 3) -> list[list[Any]]:
+    """A clean batch alone, beside another key's clean batch of the same size (the engine is
+    shared: the control), beside the same batch with one poisoned line, and beside a batch of
+    the poisoned line alone; medians of `repeats` turns."""
+
+    def poisoned(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        lines[len(lines) // 2]["custom_id"] = "\ud800"  # a lone surrogate: once, stuck validating
+        return lines
+
+    times: dict[str, list[float]] = {k: [] for k in ("alone", "control", "poisoned", "only")}
     with tempfile.TemporaryDirectory() as tmp, server(model_dir, Path(tmp) / "jobs.db") as (url, _):
-        _, alone = run_batch(url, KEYS[1], batch_lines_of(n, "c"))
-        results: dict[str, Any] = {}
-        bad = threading.Thread(target=lambda: results.update(bad=run_batch(url, KEYS[0], poisoned)))
-        bad.start()
-        time.sleep(0.2)
-        _, beside = run_batch(url, KEYS[1], batch_lines_of(n, "c2"))
-        bad.join()
+        for turn in range(repeats):
+            times["alone"].append(run_batch(url, KEYS[1], batch_lines_of(n, f"a{turn}"))[1])
+            times["control"].append(beside(url, batch_lines_of(n, f"o{turn}"), n, f"c{turn}")[0])
+            seconds, bad_id = beside(url, poisoned(batch_lines_of(n, f"p{turn}")), n, f"d{turn}")
+            times["poisoned"].append(seconds)
+            times["only"].append(
+                beside(url, poisoned(batch_lines_of(1, f"q{turn}")), n, f"e{turn}")[0]
+            )
         with httpx.Client(base_url=url, headers=auth(KEYS[0]), timeout=60) as http:
-            batch = http.get(f"/v1/batches/{results['bad'][0]}").json()
+            batch = http.get(f"/v1/batches/{bad_id}").json()
             errors = http.get(f"/v1/files/{batch['error_file_id']}/content").text.splitlines()
+    med = {k: statistics.median(v) for k, v in times.items()}
     return [
-        [f"clean batch of {n} lines alone (s)", f"{alone:.2f}"],
-        ["the same beside another key's poisoned batch (s)", f"{beside:.2f}"],
+        [f"clean batch of {n} lines alone (s, median of {repeats})", f"{med['alone']:.2f}"],
+        [f"... beside another key's clean batch of {n} lines (control)", f"{med['control']:.2f}"],
+        [f"... beside another key's {n}-line batch with one poisoned line",
+         f"{med['poisoned']:.2f} ({med['poisoned'] / med['control']:.2f}x the control)"],
+        ["... beside another key's batch of the poisoned line alone",
+         f"{med['only']:.2f} ({med['only'] / med['alone']:.2f}x alone)"],
+        ["each turn, alone / control / poisoned / poisoned line alone (s)",
+         " ; ".join(" / ".join(f"{times[k][i]:.2f}" for k in times) for i in range(repeats))],
         ["poisoned batch", f"{batch['status']}, {batch['request_counts']}"],
         ["its error line", json.loads(errors[0])["error"]],
-    ]
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
