@@ -113,7 +113,7 @@ class OnnxEngine:
             raise EngineError(str(exc)) from exc
         cpu_workers, cpu_threads = cpu_split(workers, intra_op_threads)
 
-        def options_for(threads: int, spin: bool) -> Any:
+        def options_for(threads: int, spin: bool, stop_between: bool) -> Any:
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.intra_op_num_threads = threads
@@ -121,12 +121,14 @@ class OnnxEngine:
             # Spinning intra-op threads burn the cores the event loop and tokenizer need
             # between runs; off unless asked for (or for the solo session: see below).
             options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
+            # Spin within a run (between its parallel sections), stop as soon as it returns.
+            options.add_session_config_entry("session.force_spinning_stop", str(int(stop_between)))
             return options
 
         def session(prec: str, providers: list[str], threads: int, spin: bool = False) -> Any:
             path = model_dir / MODEL_FILES[prec]
             try:
-                options = options_for(threads, spin or allow_spinning)
+                options = options_for(threads, spin or allow_spinning, spin and not allow_spinning)
                 return ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # ORT raises its own untyped errors
                 raise EngineError(f"cannot load {path}: {exc}") from exc
