@@ -149,3 +149,24 @@ def test_solo_and_concurrent_sessions_agree(model_dir: Path) -> None:
     solo = engine.run(ids, mask, solo=True)
     for logits in together:
         np.testing.assert_allclose(logits, solo, atol=1e-5)
+
+
+def test_per_core_sessions_never_spin_and_the_solo_one_spins_only_within_a_run(
+    model_dir: Path,
+) -> None:
+    engine = OnnxEngine.load(
+        model_dir, device="cpu", precision="fp32", workers=2, intra_op_threads=1
+    )
+    assert engine.workers == 2
+
+    def config(session: object) -> tuple[str, str]:
+        options = session.get_session_options()  # type: ignore[attr-defined]
+        keys = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
+        return tuple(options.get_session_config_entry(k) for k in keys)  # type: ignore[return-value]
+
+    # Narrow runs leave the cores to the event loop between runs; the all-core session for a
+    # run alone spins between its parallel sections and stops once the run returns.
+    assert config(engine._session) == ("0", "0")
+    assert config(engine._wide) == ("1", "1")
+    ids, mask = np.array([[5, 6, 7]], dtype=np.int64), np.ones((1, 3), dtype=np.int64)
+    np.testing.assert_allclose(engine.run(ids, mask, solo=True), engine.run(ids, mask), atol=1e-5)
