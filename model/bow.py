@@ -17,8 +17,9 @@ import torch
 
 from model.batching import predict_logits
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ModelConfig
 from model.data import DataError, read_split
-from model.linformer import LinformerClassifier
+from model.linformer import BagOfWords, LinformerClassifier
 from model.tokenizer import encode, load_tokenizer
 
 # Candidate weights of the bag-of-words logits against the encoder's, chosen on validation.
@@ -52,6 +53,17 @@ def fit_bow(
         weight[ids] = coef.T
         bias[:] = torch.tensor(lr.intercept_, dtype=torch.float32)
     return {"bow.idf": idf, "bow.weight": weight, "bow.bias": bias}
+
+
+def bow_logits(state: dict[str, torch.Tensor], seqs: list[list[int]]) -> np.ndarray:
+    """The branch's logits (N, labels) for token sequences, as the model computes them."""
+    vocab, labels = state["bow.weight"].shape
+    branch = BagOfWords(ModelConfig(vocab_size=vocab, labels=[str(i) for i in range(labels)]))
+    branch.load_state_dict({k.removeprefix("bow."): v for k, v in state.items()})
+    with torch.no_grad():
+        return np.concatenate(
+            [branch(*_padded(seqs[i : i + 64])).numpy() for i in range(0, len(seqs), 64)]
+        )
 
 
 def _identity(seq: list[int]) -> list[int]:
@@ -100,15 +112,7 @@ def add_bow(run_dir: Path, data_dir: Path, c: float = 30.0) -> dict[str, Any]:
         ys[split] = np.array([labels.index(e.label) for e in exs])
     state = fit_bow(seqs["train"], ys["train"], model.cfg.vocab_size, len(labels), c)
     enc = predict_logits(model, seqs["validation"], progress=True)
-    bow_only = with_bow(model, state, 1.0).bow
-    assert bow_only is not None
-    with torch.no_grad():
-        bow = np.concatenate(
-            [
-                bow_only(*_padded(seqs["validation"][i : i + 64])).numpy()
-                for i in range(0, len(seqs["validation"]), 64)
-            ]
-        )
+    bow = bow_logits(state, seqs["validation"])
     y = ys["validation"]
     trials = []
     for mix in MIX_GRID:

@@ -1,10 +1,12 @@
 """Distillation targets: a fine-tuned teacher's logits over a data split, for `linmod-train --teacher`.
 
 The teacher is a run's encoder checkpoint (best-encoder/ when linmod-bow has added its bag of
-words to best/, else best/). Its in-graph bag of words is left out on purpose: that branch is
-fitted on the training split itself, so on those documents it is sure of every answer and would
-teach the student nothing but the labels. Each document is cut to the teacher's first --max-len
-tokens, as the teacher was fine-tuned.
+words to best/, else best/). Its in-graph bag of words is fitted on the training split itself, so
+on those documents it is sure of every answer and would teach the student nothing but the labels;
+with --bow-folds N the teacher's bag of words is cross-fitted instead: each training document
+gets the logits of a branch fitted on the other folds, scaled by the run's chosen mix, so the
+student learns what the whole teacher says of a document it has not seen. Each document is cut
+to the teacher's first --max-len tokens, as the teacher was fine-tuned.
 """
 
 from __future__ import annotations
@@ -33,8 +35,34 @@ def teacher_checkpoint(run: Path) -> Path:
     raise CheckpointError(f"{run} has neither best-encoder/ nor best/: not a training run")
 
 
+def cross_fitted_bow(
+    run: Path, seqs: list[list[int]], y: np.ndarray, vocab_size: int, folds: int, seed: int = 0
+) -> tuple[np.ndarray, float]:
+    """Out-of-fold bag-of-words logits (N, labels), scaled by the run's chosen mix, and the mix."""
+    from model.bow import bow_logits, fit_bow
+
+    summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    chosen = summary.get("bag_of_words", {}).get("chosen")
+    if not chosen:
+        raise CheckpointError(f"{run} has no bag of words (run linmod-bow first)")
+    mix, c = float(chosen["mix"]), float(summary["bag_of_words"].get("C", 30.0))
+    fold = np.random.default_rng(seed).permutation(len(seqs)) % folds
+    out = np.zeros((len(seqs), int(y.max()) + 1), dtype=np.float32)
+    for f in range(folds):
+        fit = [i for i in range(len(seqs)) if fold[i] != f]
+        held = [i for i in range(len(seqs)) if fold[i] == f]
+        state = fit_bow([seqs[i] for i in fit], y[fit], vocab_size, out.shape[1], c)
+        out[held] = mix * bow_logits(state, [seqs[i] for i in held])
+    return out, mix
+
+
 def teacher_logits(
-    run: Path, data: Path, split: str = "train", max_len: int = 512, threads: int = 0
+    run: Path,
+    data: Path,
+    split: str = "train",
+    max_len: int = 512,
+    threads: int = 0,
+    bow_folds: int = 0,
 ) -> dict[str, Any]:
     """{"labels", "teacher", "split", "max_len", "logits": {id: [...]}, "seconds"}."""
     if threads:
@@ -49,6 +77,11 @@ def teacher_logits(
     logits = predict_logits(model, seqs, max_tokens=8192, max_batch=32, progress=True)
     labels = list(model.cfg.labels)
     y = np.array([labels.index(e.label) for e in examples])
+    bow_mix = None
+    if bow_folds:
+        full = [s[: model.cfg.n_max] for s in encode(tok, [e.text for e in examples])]
+        bow, bow_mix = cross_fitted_bow(run, full, y, model.cfg.vocab_size, bow_folds)
+        logits = logits + bow
     agree = float((logits.argmax(-1) == y).mean())
     summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     return {
@@ -59,6 +92,8 @@ def teacher_logits(
         "accuracy": agree,
         "mean_confidence": float(softmax(logits).max(-1).mean()),
         "seconds": round(time.time() - t0, 1),
+        "bow_folds": bow_folds,
+        "bow_mix": bow_mix,
         "teacher_origin": origin(summary),
         "teacher_best_epoch": summary.get("best_epoch"),
         "logits": {
@@ -75,9 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--bow-folds",
+        type=int,
+        default=0,
+        help="add the teacher's bag of words, cross-fitted over this many folds (0: encoder only)",
+    )
     args = p.parse_args(argv)
+    if args.bow_folds == 1 or args.bow_folds < 0:
+        p.error("--bow-folds must be 0 or at least 2")
     try:
-        record = teacher_logits(args.teacher, args.data, args.split, args.max_len, args.threads)
+        record = teacher_logits(
+            args.teacher, args.data, args.split, args.max_len, args.threads, args.bow_folds
+        )
     except (DataError, CheckpointError, ValueError) as e:
         print(f"linmod-distill: error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,44 @@ def test_teacher_logits_cover_the_split_and_are_the_checkpoints_own(
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_cross_fitted_bag_of_words_scores_each_document_from_the_other_folds(
+    tiny_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """--bow-folds adds, to the encoder's logits, mix x the logits of a branch fitted without the
+    document: not the in-sample branch, which is sure of every training answer."""
+    import shutil
+
+    from model.bow import add_bow, bow_logits, fit_bow
+    from model.distill import cross_fitted_bow
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    mix = add_bow(run, tiny_data)["chosen"]["mix"]
+    plain = teacher_logits(run, tiny_data)
+    crossed = teacher_logits(run, tiny_data, bow_folds=3)
+    assert crossed["bow_mix"] == mix
+    examples = read_split(tiny_data, "train")
+    model = load_checkpoint(run / "best-encoder")
+    seqs = [
+        s[: model.cfg.n_max]
+        for s in encode(load_tokenizer(run / "tokenizer.json"), [e.text for e in examples])
+    ]
+    y = np.array([["ham", "spam"].index(e.label) for e in examples])
+    added = np.array(
+        [np.subtract(crossed["logits"][e.id], plain["logits"][e.id]) for e in examples]
+    )
+    oof, _ = cross_fitted_bow(run, seqs, y, model.cfg.vocab_size, 3)
+    np.testing.assert_allclose(added, oof, atol=1e-3)
+    # Held-out scores are less sure of the labels than the branch fitted on every document.
+    inside = mix * bow_logits(fit_bow(seqs, y, model.cfg.vocab_size, 2), seqs)
+    margin = lambda z: np.mean((z[:, 1] - z[:, 0]) * np.where(y == 1, 1, -1))  # noqa: E731
+    assert margin(oof) < margin(inside)
+    out = tmp_path / "t.json"
+    args = ["--teacher", str(run), "--data", str(tiny_data), "--out", str(out), "--bow-folds", "1"]
+    with pytest.raises(SystemExit):
+        distill_main(args)
+
+
 def test_a_teacher_file_missing_documents_is_a_clear_error(
     tiny_run: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
