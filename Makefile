@@ -31,7 +31,8 @@ PT_COMMON ?= --lr 5e-5 --warmup-steps 30 --min-docs-per-step 16 --max-tokens 409
 PT_STAGE1 ?= --max-len 256 --epochs 2
 PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head
 # The distilled student: the shipped model's size, started from it, trained two epochs on the
-# pre-trained model's logits (weight 0.7, temperature 2) beside the labels.
+# pre-trained model's logits (weight 0.7, temperature 2) beside the labels. The teacher's logits
+# include its bag of words, cross-fitted over five folds of the training split.
 DS_MODEL ?= model/artifacts/spamassassin-linformer-distilled
 DS_RUN ?= runs/spamassassin-distilled
 DS_ARGS ?= --init model/artifacts/spamassassin-linformer --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 \
@@ -121,7 +122,7 @@ model-pretrained: data
 
 # Distil the pre-trained model (make model-pretrained first) into the shipped model's size.
 model-distilled: data
-	$(VENV)/bin/linmod-distill --teacher $(PT_RUN) --data $(DATA) --out $(PT_RUN)/teacher-train.json --max-len 512
+	$(VENV)/bin/linmod-distill --teacher $(PT_RUN) --data $(DATA) --out $(PT_RUN)/teacher-train.json --max-len 512 --bow-folds 5
 	$(VENV)/bin/linmod-train --data $(DATA) --out $(DS_RUN) --teacher $(PT_RUN)/teacher-train.json $(DS_ARGS)
 	$(VENV)/bin/linmod-bow --run $(DS_RUN) --data $(DATA)
 	$(VENV)/bin/linmod-eval --run $(DS_RUN) --data $(DATA) --artifact $(DS_MODEL) $(EVAL_ARGS)

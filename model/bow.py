@@ -66,6 +66,26 @@ def bow_logits(state: dict[str, torch.Tensor], seqs: list[list[int]]) -> np.ndar
         )
 
 
+def cross_fit(
+    seqs: list[list[int]],
+    y: np.ndarray,
+    vocab_size: int,
+    num_labels: int,
+    folds: int,
+    c: float = 30.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Out-of-fold logits (N, num_labels): each document scored by a branch fitted without it,
+    as the branch fitted on the whole training split will score documents it has never seen."""
+    fold = np.random.default_rng(seed).permutation(len(seqs)) % folds
+    out = np.zeros((len(seqs), num_labels), dtype=np.float32)
+    for f in range(folds):
+        fit, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        state = fit_bow([seqs[i] for i in fit], y[fit], vocab_size, num_labels, c)
+        out[held] = bow_logits(state, [seqs[i] for i in held])
+    return out
+
+
 def _identity(seq: list[int]) -> list[int]:
     return seq
 

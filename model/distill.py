@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from model.batching import predict_logits, softmax
+from model.bow import cross_fit
 from model.card_sections import origin
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.data import DataError, read_split
@@ -36,24 +37,21 @@ def teacher_checkpoint(run: Path) -> Path:
 
 
 def cross_fitted_bow(
-    run: Path, seqs: list[list[int]], y: np.ndarray, vocab_size: int, folds: int, seed: int = 0
+    run: Path,
+    seqs: list[list[int]],
+    y: np.ndarray,
+    vocab_size: int,
+    num_labels: int,
+    folds: int,
+    seed: int = 0,
 ) -> tuple[np.ndarray, float]:
     """Out-of-fold bag-of-words logits (N, labels), scaled by the run's chosen mix, and the mix."""
-    from model.bow import bow_logits, fit_bow
-
     summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     chosen = summary.get("bag_of_words", {}).get("chosen")
     if not chosen:
         raise CheckpointError(f"{run} has no bag of words (run linmod-bow first)")
     mix, c = float(chosen["mix"]), float(summary["bag_of_words"].get("C", 30.0))
-    fold = np.random.default_rng(seed).permutation(len(seqs)) % folds
-    out = np.zeros((len(seqs), int(y.max()) + 1), dtype=np.float32)
-    for f in range(folds):
-        fit = [i for i in range(len(seqs)) if fold[i] != f]
-        held = [i for i in range(len(seqs)) if fold[i] == f]
-        state = fit_bow([seqs[i] for i in fit], y[fit], vocab_size, out.shape[1], c)
-        out[held] = mix * bow_logits(state, [seqs[i] for i in held])
-    return out, mix
+    return mix * cross_fit(seqs, y, vocab_size, num_labels, folds, c, seed), mix
 
 
 def teacher_logits(
@@ -80,7 +78,7 @@ def teacher_logits(
     bow_mix = None
     if bow_folds:
         full = [s[: model.cfg.n_max] for s in encode(tok, [e.text for e in examples])]
-        bow, bow_mix = cross_fitted_bow(run, full, y, model.cfg.vocab_size, bow_folds)
+        bow, bow_mix = cross_fitted_bow(run, full, y, model.cfg.vocab_size, len(labels), bow_folds)
         logits = logits + bow
     agree = float((logits.argmax(-1) == y).mean())
     summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}

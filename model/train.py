@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from model.batching import collate
+from model.bow import bow_logits, cross_fit, fit_bow
 from model.checkpoint import load_pretrained, save_checkpoint
 from model.config import ModelConfig
-from model.data import DataError, read_manifest, read_split
+from model.data import DataError, Example, read_manifest, read_split
 from model.linformer import LinformerClassifier
-from model.tokenizer import MASK_ID, PAD_ID
+from model.tokenizer import MASK_ID, PAD_ID, encode
 from model.training import (
     consider_average,
     encode_split,
@@ -93,6 +95,14 @@ class TrainConfig:
     teacher: str = ""
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    # Boosting on a bag of words: with a weight w > 0, every training document's logits get w x
+    # the logits of a TF-IDF + logistic-regression branch fitted on the other folds of the
+    # training split (validation documents: w x the branch fitted on all of it) before the loss.
+    # The encoder then learns what the bag of words gets wrong rather than what it already
+    # knows; linmod-bow installs the branch afterwards and weighs it on validation.
+    bow_offset: float = 0.0
+    bow_folds: int = 5
+    bow_c: float = 30.0
 
 
 def train(
@@ -126,6 +136,9 @@ def train(
     w_train = np.array([weights.get(e.group, 1.0) for e in train_ex], dtype=np.float32)
     x_val, y_val = encode_split(tok, val_ex, labels, max_len)
     t_train = load_teacher(Path(tc.teacher), train_ex, labels) if tc.teacher else None
+    o_train, o_val = (
+        bow_offsets(tok, train_ex, val_ex, y_train, mc, tc) if tc.bow_offset else (None, None)
+    )
 
     model = LinformerClassifier(mc).to(device)
     if init_state is not None:
@@ -156,6 +169,8 @@ def train(
                 ids = torch.where(dropped, MASK_ID, ids)
             target = torch.from_numpy(y_train[idx])
             logits = model(ids.to(device), mask.to(device))
+            if o_train is not None:
+                logits = logits + torch.from_numpy(o_train[idx]).to(device)
             # Summed over documents and divided by the step's count: every document weighs
             # the same (or its group's weight), whatever micro-batch its length put it in.
             per_doc = F.cross_entropy(
@@ -186,7 +201,7 @@ def train(
             grad_clip=tc.grad_clip, desc=f"epoch {epoch}/{tc.epochs}", progress=progress,
         )  # fmt: skip
         step += done.steps
-        val = evaluate_split(model, x_val, y_val)
+        val = evaluate_split(model, x_val, y_val, o_val)
         record = {
             "epoch": epoch,
             "step": step,
@@ -207,7 +222,7 @@ def train(
         (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
 
     best = consider_average(
-        out_dir, history, (x_val, y_val), tc.select_by, tc.average_last,
+        out_dir, history, (x_val, y_val, o_val), tc.select_by, tc.average_last,
         {"train_config": dataclasses.asdict(tc)},
     )  # fmt: skip
     pretraining = None
@@ -232,6 +247,25 @@ def train(
         "train_tokens_per_epoch": sum(lengths),
     }
     return finish_run(out_dir, manifest, summary)
+
+
+def bow_offsets(
+    tok: Tokenizer,
+    train_ex: list[Example],
+    val_ex: list[Example],
+    y_train: np.ndarray,
+    mc: ModelConfig,
+    tc: TrainConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """tc.bow_offset x the bag of words' logits: out-of-fold on the training split, and from
+    the branch fitted on all of it on validation. The branch reads up to n_max tokens, as the
+    installed branch does in a window, whatever the curriculum's max_len."""
+    train_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in train_ex])]
+    val_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in val_ex])]
+    n = mc.num_labels
+    oof = cross_fit(train_ids, y_train, mc.vocab_size, n, tc.bow_folds, tc.bow_c, tc.seed)
+    val = bow_logits(fit_bow(train_ids, y_train, mc.vocab_size, n, tc.bow_c), val_ids)
+    return tc.bow_offset * oof, tc.bow_offset * val
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,12 +252,18 @@ def load_teacher(path: Path, examples: list[Example], labels: list[str]) -> np.n
 
 
 def evaluate_split(
-    model: LinformerClassifier, seqs: list[list[int]], y: np.ndarray
+    model: LinformerClassifier,
+    seqs: list[list[int]],
+    y: np.ndarray,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Validation loss and accuracy; F1 and ROC-AUC for two labels, macro F1 for more."""
+    """Validation loss and accuracy; F1 and ROC-AUC for two labels, macro F1 for more. With
+    `offsets` (N, labels), of the model's logits plus those (a boosted run's bag of words)."""
     from sklearn.metrics import f1_score, roc_auc_score
 
     logits = predict_logits(model, seqs)
+    if offsets is not None:
+        logits = logits + offsets
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item())
     pred = logits.argmax(-1)
     probs = softmax(logits)
@@ -280,7 +286,7 @@ def selection_score(val: dict[str, float], select_by: str) -> float:
 def consider_average(
     out_dir: Path,
     history: list[dict[str, Any]],
-    val_split: tuple[list[list[int]], np.ndarray],
+    val_split: tuple[list[list[int]], np.ndarray, np.ndarray | None],
     select_by: str,
     average_last: int,
     state: dict[str, Any],

@@ -349,3 +349,43 @@ def test_bootstrap_interval_of_the_f1_difference_brackets_it() -> None:
     assert d["ci95_low"] > 0 and d["share_above_zero"] > 0.95
     same = bootstrap_f1_difference(good, 0.5, good, 0.5, truth, n=50)
     assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
+
+
+def test_boosting_on_a_bag_of_words_trains_and_validates_the_sum(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """With bow_offset, validation scores the encoder's logits plus w x the branch fitted on the
+    whole training split, and training differs from a plain run of the same seed."""
+    import torch.nn.functional as F
+
+    from model.batching import predict_logits
+    from model.bow import bow_logits, fit_bow
+    from model.config import ModelConfig
+    from model.data import read_split
+    from model.tokenizer import encode
+    from model.train import train
+    from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+    base = {**TINY_TRAIN, "epochs": 1, "average_last": 0}
+    for name, w in (("plain", 0.0), ("boosted", 0.5)):
+        tc = TrainConfig(**base, bow_offset=w, bow_folds=3)
+        train(tiny_data, tmp_path / name, ModelConfig(**TINY_MODEL), tc, progress=False)
+    run = tmp_path / "boosted"
+    model = load_checkpoint(run / "last")
+    tok = load_tokenizer(run / "tokenizer.json")
+    labels = model.cfg.labels
+    split = {s: read_split(tiny_data, s) for s in ("train", "validation")}
+    ids = {
+        s: [x[: model.cfg.n_max] for x in encode(tok, [e.text for e in ex])]
+        for s, ex in split.items()
+    }
+    y = {s: np.array([labels.index(e.label) for e in ex]) for s, ex in split.items()}
+    state = fit_bow(ids["train"], y["train"], model.cfg.vocab_size, len(labels))
+    logits = predict_logits(model, ids["validation"]) + 0.5 * bow_logits(state, ids["validation"])
+    expected = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y["validation"]))
+    history = json.loads((run / "history.json").read_text())
+    assert history[0]["val_loss"] == pytest.approx(float(expected), abs=1e-4)
+    plain, boosted = (
+        load_checkpoint(tmp_path / n / "last").state_dict() for n in ("plain", "boosted")
+    )
+    assert not all(torch.equal(plain[k], boosted[k]) for k in plain)
