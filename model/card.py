@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from model.card_sections import (
+    boost_lines,
     bootstrap_lines,
     bow_lines,
     distill_lines,
@@ -251,6 +252,7 @@ def render_card(artifact_dir: Path) -> str:
             ),
             *stage_lines(training),
             *bow_lines(training),
+            *boost_lines(training),
             *distill_lines(training),
             *([] if source else _pretraining_lines(training.get("pretraining"))),
             f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min"

@@ -50,13 +50,35 @@ def stage_lines(training: dict[str, Any]) -> list[str]:
     lines = ["- Stages, each starting from the one before (a length curriculum where they differ):"]
     for i, st in enumerate(stages, 1):
         tc = st["train_config"]
+        boost = (
+            f", boosted on the bag of words (w {tc['bow_offset']})" if tc.get("bow_offset") else ""
+        )
         lines.append(
             f"  stage {i}: documents cut to {tc.get('max_len') or 'n_max'} tokens, "
             f"{tc['epochs']} epoch(s) (schedule over {tc.get('schedule_epochs') or tc['epochs']}), "
-            f"lr {tc['lr']}, layer-wise decay {tc.get('layer_lr_decay', 1.0)}, "
+            f"lr {tc['lr']}, layer-wise decay {tc.get('layer_lr_decay', 1.0)}{boost}, "
             f"{st.get('wall_seconds', 0) / 60:.0f} min."
         )
     return lines
+
+
+def boost_lines(training: dict[str, Any]) -> list[str]:
+    """Boosting on the bag of words, in whichever stage used it."""
+    boosted = [
+        st["train_config"] for st in _stages(training) if st["train_config"].get("bow_offset")
+    ]
+    if not boosted:
+        return []
+    tc = boosted[-1]
+    return [
+        f"- Boosted on the bag of words (`--bow-offset {tc['bow_offset']}`): during fine-tuning "
+        f"each training message's logits get {tc['bow_offset']} x those of a TF-IDF + logistic "
+        f"regression (C {tc.get('bow_c', 30.0)}) fitted on the other {tc.get('bow_folds', 5) - 1} "
+        f"of {tc.get('bow_folds', 5)} folds of the training split, before the loss; validation "
+        "scores the sum. The encoder learns what the bag of words gets wrong rather than what "
+        "it already knows; the branch shipped inside the graph is then fitted on the whole "
+        "training split and weighed on validation.",
+    ]
 
 
 def bow_lines(training: dict[str, Any]) -> list[str]:
@@ -102,9 +124,15 @@ def distill_lines(training: dict[str, Any]) -> list[str]:
         f"{tc.get('distill_weight')} x T^2 x KL(teacher || student) at temperature "
         f"{tc.get('distill_temperature')}, over the {len(training.get('history', [])) or ''} "
         f"epoch(s) above. The teacher's logits come from `{d.get('teacher')}` on the training "
-        f"split, each message cut to its first {d.get('max_len')} tokens; its bag of words is left "
-        f"out, being fitted on those same messages. The teacher agrees with the labels on "
-        f"{d.get('accuracy', float('nan')):.1%} of them.",
+        f"split, each message cut to its first {d.get('max_len')} tokens; "
+        + (
+            f"its bag of words is cross-fitted over {d['bow_folds']} folds (each message scored by "
+            f"a branch fitted without it, times the teacher's mix {d.get('bow_mix')}), since the "
+            "branch fitted on all of them is sure of every training answer. "
+            if d.get("bow_folds")
+            else "its bag of words is left out, being fitted on those same messages. "
+        )
+        + f"The teacher agrees with the labels on {d.get('accuracy', float('nan')):.1%} of them.",
     ]
     if src:
         lines.append(

@@ -270,6 +270,35 @@ def test_model_card_states_group_weights_when_training_used_them(tmp_path: Path)
     assert "Loss weights by group: `hard-ham-1=4`" in render_card(tmp_path)
 
 
+def test_model_card_states_a_boosted_stage_and_a_cross_fitted_teacher(tmp_path: Path) -> None:
+    from model.card import render_card
+
+    (tmp_path / "config.json").write_text(json.dumps({"labels": ["ham", "spam"]}))
+    first = {"train_config": {"epochs": 2, "lr": 5e-5, "max_len": 256}, "wall_seconds": 60}
+    second = {
+        "train_config": {"epochs": 1, "lr": 3e-5, "max_len": 512, "bow_offset": 2.0},
+        "pretraining": first,
+        "distilled_from": {
+            "teacher": "t/best-encoder",
+            "max_len": 512,
+            "bow_folds": 5,
+            "bow_mix": 2.0,
+            "accuracy": 0.99,
+        },
+    }
+    (tmp_path / "training.json").write_text(json.dumps(second))
+    card = render_card(tmp_path)
+    assert "stage 2: documents cut to 512 tokens" in card
+    assert "boosted on the bag of words (w 2.0)" in card
+    assert "Boosted on the bag of words (`--bow-offset 2.0`)" in card
+    assert "other 4 of 5 folds" in card
+    assert "cross-fitted over 5 folds" in card and "left out" not in card
+    del second["train_config"]["bow_offset"], second["distilled_from"]["bow_folds"]
+    (tmp_path / "training.json").write_text(json.dumps(second))
+    card = render_card(tmp_path)
+    assert "Boosted" not in card and "its bag of words is left out" in card
+
+
 def test_model_card_names_the_kept_epoch_and_label_smoothing(tmp_path: Path) -> None:
     from model.card import render_card
 
