@@ -22,14 +22,15 @@ TRAIN_ARGS ?= --d-model 128 --d-ff 512 --n-layers 4 --n-heads 4 --k 128 --epochs
               --average-last 3 --group-weights hard-ham-1=4 --label-smoothing 0.1
 EVAL_ARGS ?= --max-flag-rate hard-ham-1=0.05
 # The pre-trained model: MiniLM converted to a 4,096-token Linformer, fine-tuned in two stages of
-# a length curriculum (two epochs at 256 tokens, then one at 512), then the in-graph bag of words
-# beside it.
+# a length curriculum (two epochs at 256 tokens, then one at 512 boosted on a bag of words: each
+# training message's logits get twice an out-of-fold TF-IDF branch's), then that branch installed
+# in the graph at the weight the encoder was trained beside.
 PT_MODEL ?= model/artifacts/spamassassin-minilm-linformer
 PT_RUN ?= runs/spamassassin-minilm
 PT_COMMON ?= --lr 5e-5 --warmup-steps 30 --min-docs-per-step 16 --max-tokens 4096 --max-batch 16 \
              --group-weights hard-ham-1=4 --layer-lr-decay 0.9 --average-last 0 --weight-decay 0.01
 PT_STAGE1 ?= --max-len 256 --epochs 2
-PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head
+PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head --bow-offset 2
 # The distilled student: the shipped model's size, started from it, trained two epochs on the
 # pre-trained model's logits (weight 0.7, temperature 2) beside the labels. The teacher's logits
 # include its bag of words, cross-fitted over five folds of the training split.

@@ -113,9 +113,32 @@ def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def add_bow(run_dir: Path, data_dir: Path, c: float = 30.0) -> dict[str, Any]:
-    """Fit the branch on the run's training split, weigh it on validation, rewrite best/."""
+def boosted_with(run_dir: Path) -> tuple[float, float] | None:
+    """(weight, C) of the bag of words the run's encoder was boosted on, if it was."""
+    path = run_dir / "run.json"
+    tc = json.loads(path.read_text()).get("train_config", {}) if path.exists() else {}
+    if not tc.get("bow_offset"):
+        return None
+    return float(tc["bow_offset"]), float(tc.get("bow_c", 30.0))
+
+
+def add_bow(
+    run_dir: Path, data_dir: Path, c: float | None = None, mix: float | None = None
+) -> dict[str, Any]:
+    """Fit the branch on the run's training split, weigh it, rewrite best/.
+
+    The weight is `mix` if given; for an encoder boosted on a bag of words (linmod-train
+    --bow-offset), the weight and C it was trained beside, since the encoder learned to
+    complement exactly that branch; otherwise the grid's best on validation log loss. Every
+    weight of the grid is scored on validation and recorded either way.
+    """
     from sklearn.metrics import roc_auc_score
+
+    boosted = boosted_with(run_dir)
+    if c is None:
+        c = boosted[1] if boosted else 30.0
+    if mix is None and boosted:
+        mix = boosted[0]
 
     best, encoder_only = run_dir / "best", run_dir / "best-encoder"
     if not encoder_only.exists():
@@ -135,14 +158,23 @@ def add_bow(run_dir: Path, data_dir: Path, c: float = 30.0) -> dict[str, Any]:
     bow = bow_logits(state, seqs["validation"])
     y = ys["validation"]
     trials = []
-    for mix in MIX_GRID:
+    for w in MIX_GRID:
+        z = enc + w * bow
+        auc = float(roc_auc_score(y, z[:, 1] - z[:, 0])) if len(labels) == 2 else float("nan")
+        trials.append({"mix": w, "val_log_loss": log_loss(z, y), "val_auc": auc})
+    by_loss = min(trials, key=lambda t: t["val_log_loss"])
+    if mix is None:
+        chosen, rule = by_loss, "validation log loss"
+    else:
         z = enc + mix * bow
         auc = float(roc_auc_score(y, z[:, 1] - z[:, 0])) if len(labels) == 2 else float("nan")
-        trials.append({"mix": mix, "val_log_loss": log_loss(z, y), "val_auc": auc})
-    chosen = min(trials, key=lambda t: t["val_log_loss"])
+        chosen = {"mix": mix, "val_log_loss": log_loss(z, y), "val_auc": auc}
+        rule = "the boosting weight" if boosted and mix == boosted[0] else "given"
     save_checkpoint(with_bow(model, state, chosen["mix"]), best)
     record = {
         "C": c,
+        "rule": rule,
+        "by_validation_log_loss": by_loss,
         "features": int((state["bow.idf"] > 0).sum()),
         "trials": trials,
         "chosen": chosen,
@@ -165,10 +197,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="linmod-bow", description=__doc__)
     p.add_argument("--run", type=Path, required=True, help="training run directory")
     p.add_argument("--data", type=Path, required=True, help="dataset directory (linmod-data)")
-    p.add_argument("--C", type=float, default=30.0, help="inverse L2 strength of the regression")
+    p.add_argument(
+        "--C",
+        type=float,
+        help="inverse L2 strength of the regression (default: a boosted run's, else 30)",
+    )
+    p.add_argument(
+        "--mix",
+        type=float,
+        help="the branch's weight (default: a boosted run's weight, else the best on validation)",
+    )
     args = p.parse_args(argv)
     try:
-        record = add_bow(args.run, args.data, args.C)
+        record = add_bow(args.run, args.data, args.C, args.mix)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"linmod-bow: error: {e}", file=sys.stderr)
         return 2
@@ -176,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"mix {t['mix']:.2f}: validation log loss {t['val_log_loss']:.4f}, AUC {t['val_auc']:.4f}"
         )
-    print(f"kept mix {record['chosen']['mix']} in {args.run / 'best'}")
+    print(f"kept mix {record['chosen']['mix']} ({record['rule']}) in {args.run / 'best'}")
     return 0
 
 

@@ -86,13 +86,23 @@ def bow_lines(training: dict[str, Any]) -> list[str]:
     if not bow:
         return []
     chosen = bow["chosen"]
+    rule = bow.get("rule", "validation log loss")
+    if rule == "validation log loss":
+        why = f"chosen on validation log loss ({chosen['val_log_loss']:.4f}; "
+    else:
+        alt = bow.get("by_validation_log_loss") or chosen
+        why = (
+            f"{'the weight the encoder was boosted beside' if rule == 'the boosting weight' else 'as given'} "
+            f"(validation log loss {chosen['val_log_loss']:.4f}; re-weighing on validation log loss "
+            f"alone would take {alt['mix']}, at {alt['val_log_loss']:.4f}; "
+        )
     return [
         f"- Bag of words inside the graph (`linmod-bow`): TF-IDF of the window's token ids (1 + log "
         f"tf, {bow['features']} ids seen in at least two training messages, L2-normalised) through "
         f"a logistic regression (C {bow['C']}) fitted on the training split; its logits are added "
-        f"to the encoder's with weight {chosen['mix']}, chosen on validation log loss "
-        f"({chosen['val_log_loss']:.4f}; validation AUC {chosen['val_auc']:.4f}, against "
-        f"{bow['trials'][0]['val_auc']:.4f} for the encoder alone).",
+        f"to the encoder's with weight {chosen['mix']}, {why}validation AUC "
+        f"{chosen['val_auc']:.4f}, against {bow['trials'][0]['val_auc']:.4f} for the encoder "
+        "alone).",
     ]
 
 

@@ -418,3 +418,16 @@ def test_boosting_on_a_bag_of_words_trains_and_validates_the_sum(
         load_checkpoint(tmp_path / n / "last").state_dict() for n in ("plain", "boosted")
     )
     assert not all(torch.equal(plain[k], boosted[k]) for k in plain)
+
+    # linmod-bow installs the branch at the weight the encoder was boosted beside; a plain run's
+    # weight is the grid's best on validation log loss.
+    from model.bow import MIX_GRID, add_bow
+
+    record = add_bow(run, tiny_data)
+    assert record["rule"] == "the boosting weight" and record["chosen"]["mix"] == 0.5
+    assert record["by_validation_log_loss"]["mix"] in MIX_GRID
+    installed = load_checkpoint(run / "best").state_dict()
+    np.testing.assert_allclose(installed["bow.weight"], 0.5 * state["bow.weight"], atol=1e-5)
+    record = add_bow(tmp_path / "plain", tiny_data)
+    assert record["rule"] == "validation log loss"
+    assert record["chosen"] == record["by_validation_log_loss"]
