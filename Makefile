@@ -33,10 +33,11 @@ PT_STAGE1 ?= --max-len 256 --epochs 2
 PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head --bow-offset 2
 # The distilled student: the shipped model's size, started from it, trained two epochs on the
 # pre-trained model's logits (weight 0.7, temperature 2) beside the labels. The teacher's logits
-# include its bag of words, cross-fitted over five folds of the training split.
+# include its bag of words, cross-fitted over five folds of the training split; the student is
+# boosted on its own bag of words the same way, so its encoder learns the teacher's encoder.
 DS_MODEL ?= model/artifacts/spamassassin-linformer-distilled
 DS_RUN ?= runs/spamassassin-distilled
-DS_ARGS ?= --init model/artifacts/spamassassin-linformer --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 \
+DS_ARGS ?= --init model/artifacts/spamassassin-linformer --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 --bow-offset 2 \
            --lr 2e-4 --warmup-steps 30 --average-last 2 --group-weights hard-ham-1=4
 
 .PHONY: model-pretrained model-distilled bow help serve install install-dev test test-fast lint format data train eval export parity model \
