@@ -37,7 +37,7 @@ PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head --
 # boosted on its own bag of words the same way, so its encoder learns the teacher's encoder.
 DS_MODEL ?= model/artifacts/spamassassin-linformer-distilled
 DS_RUN ?= runs/spamassassin-distilled
-DS_ARGS ?= --init model/artifacts/spamassassin-linformer --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 --bow-offset 2 \
+DS_ARGS ?= --init model/artifacts/spamassassin-linformer --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 --bow-offset 2 --bow-group-weights \
            --lr 2e-4 --warmup-steps 30 --average-last 2 --group-weights hard-ham-1=4
 
 .PHONY: model-pretrained model-distilled bow help serve install install-dev test test-fast lint format data train eval export parity model \

@@ -21,25 +21,32 @@ from model.config import ModelConfig
 from model.data import DataError, read_split
 from model.linformer import BagOfWords, LinformerClassifier
 from model.tokenizer import encode, load_tokenizer
+from model.training import parse_group_values
 
 # Candidate weights of the bag-of-words logits against the encoder's, chosen on validation.
 MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def fit_bow(
-    seqs: list[list[int]], y: np.ndarray, vocab_size: int, num_labels: int, c: float = 30.0
+    seqs: list[list[int]],
+    y: np.ndarray,
+    vocab_size: int,
+    num_labels: int,
+    c: float = 30.0,
+    sample_weight: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """idf (V,), weight (V, num_labels), bias (num_labels,) of TF-IDF + logistic regression.
 
     The same features the model's BagOfWords computes: 1 + log tf, ids seen in fewer than two
-    training documents weigh 0, L2-normalised.
+    training documents weigh 0, L2-normalised. `sample_weight` weighs documents in the
+    regression's loss (a group's weight, as in the encoder's).
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     vec = TfidfVectorizer(analyzer=_identity, sublinear_tf=True, min_df=2)
     x = vec.fit_transform(seqs)
-    lr = LogisticRegression(C=c, max_iter=5000).fit(x, y)
+    lr = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weight)
     idf = torch.zeros(vocab_size)
     weight = torch.zeros(vocab_size, num_labels)
     bias = torch.zeros(num_labels)
@@ -74,6 +81,7 @@ def cross_fit(
     folds: int,
     c: float = 30.0,
     seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Out-of-fold logits (N, num_labels): each document scored by a branch fitted without it,
     as the branch fitted on the whole training split will score documents it has never seen."""
@@ -81,7 +89,8 @@ def cross_fit(
     out = np.zeros((len(seqs), num_labels), dtype=np.float32)
     for f in range(folds):
         fit, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        state = fit_bow([seqs[i] for i in fit], y[fit], vocab_size, num_labels, c)
+        w = None if sample_weight is None else sample_weight[fit]
+        state = fit_bow([seqs[i] for i in fit], y[fit], vocab_size, num_labels, c, w)
         out[held] = bow_logits(state, [seqs[i] for i in held])
     return out
 
@@ -113,24 +122,32 @@ def log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def boosted_with(run_dir: Path) -> tuple[float, float] | None:
-    """(weight, C) of the bag of words the run's encoder was boosted on, if it was."""
+def boosted_with(run_dir: Path) -> tuple[float, float, str] | None:
+    """(weight, C, group weights) of the bag of words the run's encoder was boosted on, if it
+    was; the group weights are the run's own when it fitted the branch with them, else ""."""
     path = run_dir / "run.json"
     tc = json.loads(path.read_text()).get("train_config", {}) if path.exists() else {}
     if not tc.get("bow_offset"):
         return None
-    return float(tc["bow_offset"]), float(tc.get("bow_c", 30.0))
+    groups = tc.get("group_weights", "") if tc.get("bow_group_weights") else ""
+    return float(tc["bow_offset"]), float(tc.get("bow_c", 30.0)), groups
 
 
 def add_bow(
-    run_dir: Path, data_dir: Path, c: float | None = None, mix: float | None = None
+    run_dir: Path,
+    data_dir: Path,
+    c: float | None = None,
+    mix: float | None = None,
+    group_weights: str | None = None,
 ) -> dict[str, Any]:
     """Fit the branch on the run's training split, weigh it, rewrite best/.
 
     The weight is `mix` if given; for an encoder boosted on a bag of words (linmod-train
     --bow-offset), the weight and C it was trained beside, since the encoder learned to
     complement exactly that branch; otherwise the grid's best on validation log loss. Every
-    weight of the grid is scored on validation and recorded either way.
+    weight of the grid is scored on validation and recorded either way. `group_weights`
+    ("group=weight,...") weighs training documents in the regression; by default a boosted
+    run's, when it fitted its branch with them.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -139,6 +156,9 @@ def add_bow(
         c = boosted[1] if boosted else 30.0
     if mix is None and boosted:
         mix = boosted[0]
+    if group_weights is None:
+        group_weights = boosted[2] if boosted else ""
+    by_group = parse_group_values(group_weights, "weight")
 
     best, encoder_only = run_dir / "best", run_dir / "best-encoder"
     if not encoder_only.exists():
@@ -153,7 +173,12 @@ def add_bow(
         exs = read_split(data_dir, split)
         seqs[split] = [s[:n_max] for s in encode(tok, [e.text for e in exs])]
         ys[split] = np.array([labels.index(e.label) for e in exs])
-    state = fit_bow(seqs["train"], ys["train"], model.cfg.vocab_size, len(labels), c)
+    train_groups = [e.group for e in read_split(data_dir, "train")]
+    unknown = sorted(set(by_group) - set(train_groups))
+    if unknown:
+        raise DataError(f"group weights name groups not in the training split: {unknown}")
+    sw = np.array([by_group.get(g, 1.0) for g in train_groups]) if by_group else None
+    state = fit_bow(seqs["train"], ys["train"], model.cfg.vocab_size, len(labels), c, sw)
     enc = predict_logits(model, seqs["validation"], progress=True)
     bow = bow_logits(state, seqs["validation"])
     y = ys["validation"]
@@ -173,6 +198,7 @@ def add_bow(
     save_checkpoint(with_bow(model, state, chosen["mix"]), best)
     record = {
         "C": c,
+        "group_weights": group_weights,
         "rule": rule,
         "by_validation_log_loss": by_loss,
         "features": int((state["bow.idf"] > 0).sum()),
@@ -207,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the branch's weight (default: a boosted run's weight, else the best on validation)",
     )
+    p.add_argument(
+        "--group-weights",
+        metavar="GROUP=WEIGHT,...",
+        help="weigh training documents by group in the regression (default: a boosted run's)",
+    )
     args = p.parse_args(argv)
     try:
-        record = add_bow(args.run, args.data, args.C, args.mix)
+        record = add_bow(args.run, args.data, args.C, args.mix, args.group_weights)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"linmod-bow: error: {e}", file=sys.stderr)
         return 2

@@ -99,7 +99,13 @@ def bow_lines(training: dict[str, Any]) -> list[str]:
     return [
         f"- Bag of words inside the graph (`linmod-bow`): TF-IDF of the window's token ids (1 + log "
         f"tf, {bow['features']} ids seen in at least two training messages, L2-normalised) through "
-        f"a logistic regression (C {bow['C']}) fitted on the training split; its logits are added "
+        f"a logistic regression (C {bow['C']}"
+        + (
+            f", documents weighed by group: `{bow['group_weights']}`"
+            if bow.get("group_weights")
+            else ""
+        )
+        + ") fitted on the training split; its logits are added "
         f"to the encoder's with weight {chosen['mix']}, {why}validation AUC "
         f"{chosen['val_auc']:.4f}, against {bow['trials'][0]['val_auc']:.4f} for the encoder "
         "alone).",

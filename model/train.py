@@ -103,6 +103,9 @@ class TrainConfig:
     bow_offset: float = 0.0
     bow_folds: int = 5
     bow_c: float = 30.0
+    # The boosting branch's regression weighs documents by group_weights too (hard ham against
+    # false alarms, as in the encoder's loss); linmod-bow then fits the installed branch alike.
+    bow_group_weights: bool = False
 
 
 def train(
@@ -137,7 +140,11 @@ def train(
     x_val, y_val = encode_split(tok, val_ex, labels, max_len)
     t_train = load_teacher(Path(tc.teacher), train_ex, labels) if tc.teacher else None
     o_train, o_val = (
-        bow_offsets(tok, train_ex, val_ex, y_train, mc, tc) if tc.bow_offset else (None, None)
+        bow_offsets(
+            tok, train_ex, val_ex, y_train, w_train if tc.bow_group_weights else None, mc, tc
+        )
+        if tc.bow_offset
+        else (None, None)
     )
 
     model = LinformerClassifier(mc).to(device)
@@ -254,6 +261,7 @@ def bow_offsets(
     train_ex: list[Example],
     val_ex: list[Example],
     y_train: np.ndarray,
+    w_train: np.ndarray | None,
     mc: ModelConfig,
     tc: TrainConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -263,8 +271,8 @@ def bow_offsets(
     train_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in train_ex])]
     val_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in val_ex])]
     n = mc.num_labels
-    oof = cross_fit(train_ids, y_train, mc.vocab_size, n, tc.bow_folds, tc.bow_c, tc.seed)
-    val = bow_logits(fit_bow(train_ids, y_train, mc.vocab_size, n, tc.bow_c), val_ids)
+    oof = cross_fit(train_ids, y_train, mc.vocab_size, n, tc.bow_folds, tc.bow_c, tc.seed, w_train)
+    val = bow_logits(fit_bow(train_ids, y_train, mc.vocab_size, n, tc.bow_c, w_train), val_ids)
     return tc.bow_offset * oof, tc.bow_offset * val
 
 

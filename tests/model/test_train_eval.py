@@ -431,3 +431,49 @@ def test_boosting_on_a_bag_of_words_trains_and_validates_the_sum(
     record = add_bow(tmp_path / "plain", tiny_data)
     assert record["rule"] == "validation log loss"
     assert record["chosen"] == record["by_validation_log_loss"]
+
+
+def test_bag_of_words_group_weights_lower_the_weighted_groups_scores(
+    tiny_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """Weighing a ham group in the regression pulls that group's spam logits down; linmod-bow
+    records the weights and refuses a group the training split does not have."""
+    import shutil
+
+    from model.bow import add_bow, bow_logits, fit_bow
+    from model.data import DataError, read_split
+    from model.tokenizer import encode
+
+    examples = read_split(tiny_data, "train")
+    tok = load_tokenizer(tiny_run / "tokenizer.json")
+    seqs = encode(tok, [e.text for e in examples])
+    y = np.array([e.label == "spam" for e in examples]).astype(int)
+    hard = np.array([e.group == "hard-ham-1" for e in examples])
+    assert hard.any()
+    vocab = tok.get_vocab_size()
+    plain = bow_logits(fit_bow(seqs, y, vocab, 2, 1.0), seqs)
+    heavy = bow_logits(fit_bow(seqs, y, vocab, 2, 1.0, np.where(hard, 8.0, 1.0)), seqs)
+    margin = lambda z: (z[:, 1] - z[:, 0])[hard].mean()  # noqa: E731
+    assert margin(heavy) < margin(plain)
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert add_bow(run, tiny_data, group_weights="hard-ham-1=4")["group_weights"] == "hard-ham-1=4"
+    shutil.rmtree(run)
+    shutil.copytree(tiny_run, run)
+    with pytest.raises(DataError, match="not in the training split"):
+        add_bow(run, tiny_data, group_weights="no-such-group=2")
+
+
+def test_a_boosted_runs_branch_settings_come_from_its_training(tmp_path: Path) -> None:
+    from model.bow import boosted_with
+
+    assert boosted_with(tmp_path) is None
+    tc = {"bow_offset": 2.0, "bow_c": 10.0, "group_weights": "hard-ham-1=4"}
+    (tmp_path / "run.json").write_text(json.dumps({"train_config": tc}))
+    assert boosted_with(tmp_path) == (2.0, 10.0, "")
+    tc["bow_group_weights"] = True
+    (tmp_path / "run.json").write_text(json.dumps({"train_config": tc}))
+    assert boosted_with(tmp_path) == (2.0, 10.0, "hard-ham-1=4")
+    (tmp_path / "run.json").write_text(json.dumps({"train_config": {"epochs": 1}}))
+    assert boosted_with(tmp_path) is None
