@@ -15,6 +15,7 @@ from model.card_sections import (
     bootstrap_lines,
     bow_lines,
     distill_lines,
+    fine_tuning_stages,
     origin,
     origin_lines,
     stage_lines,
@@ -255,8 +256,9 @@ def render_card(artifact_dir: Path) -> str:
             *boost_lines(training),
             *distill_lines(training),
             *([] if source else _pretraining_lines(training.get("pretraining"))),
-            f"- Wall time {training.get('wall_seconds', 0) / 60:.1f} min"
+            f"- Wall time {_wall_minutes(training):.1f} min"
             + (" of fine-tuning" if training.get("pretraining") else "")
+            + (" over all stages" if len(fine_tuning_stages(training)) > 1 else "")
             + f" on {machine.get('cpu')} "
             f"({machine.get('cores')} threads, {machine.get('memory_gib')} GiB, CUDA: "
             f"{machine.get('cuda') or 'none'}), torch {machine.get('torch')}, {training.get('date')}.",
@@ -338,6 +340,13 @@ def _kept_text(training: dict[str, Any]) -> str:
             parts.append(f"the average's {avg_auc}")
         return text + (f" ({'; '.join(parts)})." if parts else ".")
     return f"**{best}**" + (f" (the average's validation ROC-AUC: {avg_auc})." if avg_auc else ".")
+
+
+def _wall_minutes(training: dict[str, Any]) -> float:
+    """Minutes of training: every stage of a curriculum, else this run's."""
+    stages = fine_tuning_stages(training)
+    runs = stages if len(stages) > 1 else [training]
+    return sum(r.get("wall_seconds", 0) for r in runs) / 60
 
 
 def write_card(artifact_dir: Path) -> None:

@@ -15,7 +15,7 @@ def origin(training: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _stages(training: dict[str, Any]) -> list[dict[str, Any]]:
+def fine_tuning_stages(training: dict[str, Any]) -> list[dict[str, Any]]:
     """The fine-tuning runs, first stage first (a length curriculum chains runs by --init)."""
     out, run = [], training
     while run and run.get("train_config"):
@@ -44,7 +44,7 @@ def origin_lines(origin: dict[str, Any] | None) -> list[str]:
 
 
 def stage_lines(training: dict[str, Any]) -> list[str]:
-    stages = _stages(training)
+    stages = fine_tuning_stages(training)
     if len(stages) < 2:
         return []
     lines = ["- Stages, each starting from the one before (a length curriculum where they differ):"]
@@ -65,7 +65,9 @@ def stage_lines(training: dict[str, Any]) -> list[str]:
 def boost_lines(training: dict[str, Any]) -> list[str]:
     """Boosting on the bag of words, in whichever stage used it."""
     boosted = [
-        st["train_config"] for st in _stages(training) if st["train_config"].get("bow_offset")
+        st["train_config"]
+        for st in fine_tuning_stages(training)
+        if st["train_config"].get("bow_offset")
     ]
     if not boosted:
         return []
@@ -77,7 +79,7 @@ def boost_lines(training: dict[str, Any]) -> list[str]:
         f"of {tc.get('bow_folds', 5)} folds of the training split, before the loss; validation "
         "scores the sum. The encoder learns what the bag of words gets wrong rather than what "
         "it already knows; the branch shipped inside the graph is then fitted on the whole "
-        "training split and weighed on validation.",
+        "training split and installed at that weight.",
     ]
 
 
