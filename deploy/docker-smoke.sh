@@ -2,7 +2,7 @@
 # Smoke test of the Docker image without any registry: build a Debian bookworm base with
 # debootstrap, build the image offline from a local wheel directory, serve on the CPU,
 # classify one document, stop. Run by hand (`make docker-smoke`); needs root, docker,
-# debootstrap and the shipped model in model/artifacts/spamassassin-linformer/.
+# debootstrap and the shipped model in model/artifacts/spamassassin-linformer-distilled/.
 #
 # Settings (environment): BASE_IMAGE (linmod-base:bookworm; reused when present),
 # IMAGE (linmod:smoke), DEBIAN_MIRROR, PYTHON (host Python for pip, 3.11 or later),
@@ -16,7 +16,7 @@ IMAGE=${IMAGE:-linmod:smoke}
 CONTAINER=${CONTAINER:-linmod-smoke}
 DEBIAN_SUITE=${DEBIAN_SUITE:-bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-MODEL_DIR=model/artifacts/spamassassin-linformer
+MODEL_DIR=model/artifacts/spamassassin-linformer-distilled
 WHEELS=wheels
 READY_TIMEOUT=${READY_TIMEOUT:-300}
 if [ -z "${PYTHON:-}" ]; then

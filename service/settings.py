@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     # Model and runtime
     model_dir: Path = Field(
-        Path("model/artifacts/spamassassin-linformer"),
+        Path("model/artifacts/spamassassin-linformer-distilled"),
         description="directory with config.json, tokenizer.json and model*.onnx",
     )
     model_dirs: Annotated[list[Path], NoDecode] = Field(
