@@ -348,11 +348,13 @@ async def test_files_and_batches_belong_to_their_key(jobs_client: Callable[..., 
 
 
 async def test_old_batches_and_files_are_deleted(jobs_client: Callable[..., Any]) -> None:
-    async with jobs_client(job_retention_s=0.3, job_cleanup_interval_s=0.02) as client:
+    # Retention long enough for the batch to finish on a busy host first: a shorter one can expire
+    # the input file while the batch still validates it.
+    async with jobs_client(job_retention_s=2.0, job_cleanup_interval_s=0.02) as client:
         done = await run(client, jsonl([request_line("a", "x")]), "/v1/moderations")
         assert done["status"] == "completed"
         ids = [done["input_file_id"], done["output_file_id"]]
-        for _ in range(300):
+        for _ in range(1000):
             if (await client.get(f"/v1/batches/{done['id']}")).status_code == 404:
                 break
             await asyncio.sleep(0.01)
