@@ -89,6 +89,24 @@ def line_states(url: str, batch_id: str) -> dict[str, int]:
     return {state: int(n) for state, n in rows} | {"claimed twice": int(retried or 0)}
 
 
+def kill_while_holding_lines(server: JobServer, url: str, batch_id: str) -> dict[str, int]:
+    """SIGKILL the replica at a moment it holds claimed lines, and return the lines' states then.
+
+    The replica is frozen (SIGSTOP) before its lines are read, so what is read is what it held
+    when killed; between claims it may hold none, and then it runs on a moment and is tried again.
+    """
+    for _ in range(500):
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        held = line_states(url, batch_id)
+        if held.get("claimed", 0) > 0 and held.get("pending", 0) > 0:
+            server.kill()
+            return held
+        os.kill(server.proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
+    server.kill()
+    raise AssertionError(f"the replica never held claimed lines beside pending ones: {held}")
+
+
 def test_a_replica_killed_mid_batch_is_taken_over(
     tiny_artifact: Path, tmp_path: Path, database_url: str
 ) -> None:
@@ -101,10 +119,8 @@ def test_a_replica_killed_mid_batch_is_taken_over(
         lambda b: b["status"] != "validating" and b["request_counts"]["completed"] >= 300,
         timeout=300,
     )  # fmt: skip
-    first.kill()
     assert running["status"] == "in_progress", "the batch ended before the kill; make it larger"
-    held = line_states(url, batch_id)
-    assert held.get("claimed", 0) > 0 and held.get("pending", 0) > 0, held
+    held = kill_while_holding_lines(first, url, batch_id)
 
     restarted = time.monotonic()
     second = JobServer(tiny_artifact, tmp_path / "second.log", url, *FLAGS)
