@@ -37,7 +37,7 @@ def teacher_checkpoint(run: Path) -> Path:
 
 
 def cross_fitted_bow(
-    run: Path,
+    summary: dict[str, Any],
     seqs: list[list[int]],
     y: np.ndarray,
     vocab_size: int,
@@ -45,11 +45,11 @@ def cross_fitted_bow(
     folds: int,
     seed: int = 0,
 ) -> tuple[np.ndarray, float]:
-    """Out-of-fold bag-of-words logits (N, labels), scaled by the run's chosen mix, and the mix."""
-    summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    """Out-of-fold bag-of-words logits (N, labels), scaled by the mix the run's summary (its
+    run.json) chose, and the mix."""
     chosen = summary.get("bag_of_words", {}).get("chosen")
     if not chosen:
-        raise CheckpointError(f"{run} has no bag of words (run linmod-bow first)")
+        raise CheckpointError("the teacher has no bag of words (run linmod-bow first)")
     mix, c = float(chosen["mix"]), float(summary["bag_of_words"].get("C", 30.0))
     return mix * cross_fit(seqs, y, vocab_size, num_labels, folds, c, seed), mix
 
@@ -70,18 +70,19 @@ def teacher_logits(
     tok = load_tokenizer(run / "tokenizer.json")
     examples = read_split(data, split)
     cut = min(max_len or model.cfg.n_max, model.cfg.n_max)
-    seqs = [s[:cut] or [model.cfg.pad_id] for s in encode(tok, [e.text for e in examples])]
+    full = [s[: model.cfg.n_max] for s in encode(tok, [e.text for e in examples])]
+    seqs = [s[:cut] or [model.cfg.pad_id] for s in full]
+    summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     t0 = time.time()
     logits = predict_logits(model, seqs, max_tokens=8192, max_batch=32, progress=True)
     labels = list(model.cfg.labels)
     y = np.array([labels.index(e.label) for e in examples])
     bow_mix = None
     if bow_folds:
-        full = [s[: model.cfg.n_max] for s in encode(tok, [e.text for e in examples])]
-        bow, bow_mix = cross_fitted_bow(run, full, y, model.cfg.vocab_size, len(labels), bow_folds)
+        n = len(labels)
+        bow, bow_mix = cross_fitted_bow(summary, full, y, model.cfg.vocab_size, n, bow_folds)
         logits = logits + bow
     agree = float((logits.argmax(-1) == y).mean())
-    summary = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
     return {
         "labels": labels,
         "teacher": str(ckpt),

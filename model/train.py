@@ -17,15 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
 from model.batching import collate
 from model.bow import bow_logits, cross_fit, fit_bow
 from model.checkpoint import load_pretrained, save_checkpoint
 from model.config import ModelConfig
-from model.data import DataError, Example, read_manifest, read_split
+from model.data import DataError, read_manifest, read_split
 from model.linformer import LinformerClassifier
-from model.tokenizer import MASK_ID, PAD_ID, encode
+from model.tokenizer import MASK_ID, PAD_ID
 from model.training import (
     consider_average,
     encode_split,
@@ -99,7 +98,7 @@ class TrainConfig:
     # the logits of a TF-IDF + logistic-regression branch fitted on the other folds of the
     # training split (validation documents: w x the branch fitted on all of it) before the loss.
     # The encoder then learns what the bag of words gets wrong rather than what it already
-    # knows; linmod-bow installs the branch afterwards and weighs it on validation.
+    # knows; linmod-bow installs the branch afterwards at this weight.
     bow_offset: float = 0.0
     bow_folds: int = 5
     bow_c: float = 30.0
@@ -135,13 +134,15 @@ def train(
             f"{out_dir / TOKENIZER_FILE} has none"
         )
     max_len = min(tc.max_len or mc.n_max, mc.n_max)
-    x_train, y_train = encode_split(tok, train_ex, labels, max_len)
+    # Encoded once at n_max: the boosting branch reads whole windows, the encoder max_len.
+    full_train, y_train = encode_split(tok, train_ex, labels, mc.n_max)
+    full_val, y_val = encode_split(tok, val_ex, labels, mc.n_max)
+    x_train, x_val = [s[:max_len] for s in full_train], [s[:max_len] for s in full_val]
     w_train = np.array([weights.get(e.group, 1.0) for e in train_ex], dtype=np.float32)
-    x_val, y_val = encode_split(tok, val_ex, labels, max_len)
     t_train = load_teacher(Path(tc.teacher), train_ex, labels) if tc.teacher else None
     o_train, o_val = (
         bow_offsets(
-            tok, train_ex, val_ex, y_train, w_train if tc.bow_group_weights else None, mc, tc
+            full_train, full_val, y_train, w_train if tc.bow_group_weights else None, mc, tc
         )
         if tc.bow_offset
         else (None, None)
@@ -257,9 +258,8 @@ def train(
 
 
 def bow_offsets(
-    tok: Tokenizer,
-    train_ex: list[Example],
-    val_ex: list[Example],
+    train_ids: list[list[int]],
+    val_ids: list[list[int]],
     y_train: np.ndarray,
     w_train: np.ndarray | None,
     mc: ModelConfig,
@@ -268,8 +268,6 @@ def bow_offsets(
     """tc.bow_offset x the bag of words' logits: out-of-fold on the training split, and from
     the branch fitted on all of it on validation. The branch reads up to n_max tokens, as the
     installed branch does in a window, whatever the curriculum's max_len."""
-    train_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in train_ex])]
-    val_ids = [s[: mc.n_max] for s in encode(tok, [e.text for e in val_ex])]
     n = mc.num_labels
     oof = cross_fit(train_ids, y_train, mc.vocab_size, n, tc.bow_folds, tc.bow_c, tc.seed, w_train)
     val = bow_logits(fit_bow(train_ids, y_train, mc.vocab_size, n, tc.bow_c, w_train), val_ids)

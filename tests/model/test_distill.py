@@ -64,7 +64,8 @@ def test_cross_fitted_bag_of_words_scores_each_document_from_the_other_folds(
     added = np.array(
         [np.subtract(crossed["logits"][e.id], plain["logits"][e.id]) for e in examples]
     )
-    oof, _ = cross_fitted_bow(run, seqs, y, model.cfg.vocab_size, 2, 3)
+    summary = json.loads((run / "run.json").read_text())
+    oof, _ = cross_fitted_bow(summary, seqs, y, model.cfg.vocab_size, 2, 3)
     np.testing.assert_allclose(added, oof, atol=1e-3)
     # Held-out scores are less sure of the labels than the branch fitted on every document.
     inside = mix * bow_logits(fit_bow(seqs, y, model.cfg.vocab_size, 2), seqs)
