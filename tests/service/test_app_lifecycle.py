@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_testing import ControlledEngine, make_settings, serving, until
+from service_testing import ControlledEngine, make_settings, serving, until, wait_ready
 
 from service.app import create_app
 from service.artifact import ArtifactConfig
@@ -94,6 +94,8 @@ async def test_shutdown_answers_what_is_in_flight(
     await lifespan.__aenter__()
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://linmod") as client:
+        # Readiness comes from the warm-up task: before it, requests are 503s, not in flight.
+        await wait_ready(client)
         engine.gate.clear()
         in_flight = [
             asyncio.create_task(client.post("/v1/classify", json={"input": f"text {i}"}))
