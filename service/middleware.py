@@ -148,8 +148,10 @@ class BodyLimitMiddleware:
 class BodyAdmissionMiddleware:
     """Bodies over `small` bytes on `paths` share `limit` bytes in flight (declared length, or
     the full limit when undeclared), held until the response ends; 429 without reading the body,
-    after `refusal_delay_s`, when there is no room. Smaller bodies pass: the batcher's queue
-    bounds them."""
+    after `refusal_delay_s`, when there is no room. A large body read and then refused as too
+    large (413) is answered after `refusal_delay_s` too, holding its share meanwhile, so a
+    client cannot keep the host parsing such bodies back to back. Smaller bodies pass: the
+    batcher's queue bounds them."""
 
     def __init__(
         self,
@@ -190,7 +192,28 @@ class BodyAdmissionMiddleware:
             )
             await response(scope, receive, send)
             return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def send_refusal_late(message: Message) -> None:
+            # A large body read and then refused as too large (413) cost the host its read and
+            # parse. Its answer waits as a 429's does, still holding its share: a client that
+            # resends such a body at once cannot keep the host parsing them back to back.
+            # A 413 from the declared length alone (nothing read) goes out at once.
+            if (
+                message["type"] == "http.response.start"
+                and message["status"] == 413
+                and received > self.small
+            ):
+                await asyncio.sleep(self.refusal_delay_s)
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, counting_receive, send_refusal_late)
         finally:
             self.budget.release(cost)

@@ -147,8 +147,10 @@ class Settings(BaseSettings):
         250.0,
         ge=0,
         le=10_000,
-        description="how long the 429 for a large body refused before it is read waits before it "
-        "is sent: clients that retry at once cycle slower and cost the host less",
+        description="how long the refusal of a large body waits before it is sent: the 429 for "
+        "one refused before it is read, and the 413 for one read and found too large (its share "
+        "of the in-flight bytes held meanwhile); clients that retry at once cycle slower and cost "
+        "the host less",
     )
 
     # Mail and HTML inputs (input_format email or html, message/rfc822 bodies)

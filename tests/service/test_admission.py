@@ -121,6 +121,47 @@ async def test_large_bodies_share_a_budget_before_parsing(gated: Any) -> None:
     assert (await client.post("/v1/classify", content=big, headers=JSON)).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "gated",
+    [
+        {
+            "max_inflight_body_bytes": 200_000,
+            "max_tokenize_chars": 100_000,
+            "large_body_refusal_delay_ms": 300,
+            "max_body_bytes": 400_000,
+        }
+    ],
+    indirect=True,
+)
+async def test_a_large_body_read_then_refused_waits_holding_its_share(gated: Any) -> None:
+    """A client resending a body that is read, parsed and refused as too large would keep the
+    host parsing back to back; its 413 waits like a 429 and keeps its share of the budget."""
+    client, _, calls = gated
+    loop = asyncio.get_running_loop()
+    too_many_chars = json.dumps({"input": "z" * 150_000})
+    sent = loop.time()
+    refused = asyncio.create_task(client.post("/v1/classify", content=too_many_chars, headers=JSON))
+    await asyncio.sleep(0.1)
+    # Meanwhile small bodies are served at once ...
+    small = await client.post("/v1/classify", json={"input": "small"})
+    assert small.status_code == 200 and not refused.done()
+    # ... and another large body finds no room: the refused one still holds its share.
+    other = json.dumps({"input": "y" * 90_000})
+    busy = await client.post("/v1/classify", content=other, headers=JSON)
+    assert busy.status_code == 429, busy.text
+    answer = await refused
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert loop.time() - sent >= 0.3
+    assert calls == [len("small")]  # the refused body was never tokenized
+    # A body refused on its declared length alone was not read: its 413 goes out at once.
+    sent = loop.time()
+    declared = await client.post("/v1/classify", content=b"x" * 500_000, headers=JSON)
+    assert declared.status_code == 413 and loop.time() - sent < 0.3, declared.text
+    # The share came back: a large body that fits is served.
+    fits = await client.post("/v1/classify", content=other, headers=JSON)
+    assert fits.status_code == 200, fits.text
+
+
 async def test_twenty_concurrent_4mb_requests_are_refused_not_timed_out(
     fake_artifact: Path, model_config: ArtifactConfig
 ) -> None:
