@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "download":
             rows = download(args.model_dir, (20 if args.quick else 100) * 1_000_000)
         else:
-            rows = poison(args.model_dir, n)
+            rows = poison(args.model_dir, n, repeats=3 if args.quick else 5)
         table = "\n".join(f"| {a} | {b} |" for a, b in rows)
         section = f"### {part}\n\n| measure | value |\n|---|---|\n{table}\n"
         print(section, flush=True)
