@@ -33,6 +33,7 @@ BENCHMARKS = {
     "engine": "PyTorch eager vs ONNX Runtime fp32 / int8 over the test split",
     "costgrid": "the engine's cost by batch shape and the batching policy it implies",
     "load": "the service, a naive server, LitServe and Ray Serve under load; a batch job",
+    "paired": "one client: the service and the naive server alternating every 50 documents",
 }
 IMAGE = re.compile(r"\]\(([\w.-]+\.png)\)")
 
