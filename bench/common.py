@@ -48,6 +48,16 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_service_flag(p: argparse.ArgumentParser) -> None:
+    """--service-flag: extra linmod-serve flags for the benchmarks that start the service."""
+    p.add_argument(
+        "--service-flag",
+        action="append",
+        default=[],
+        help="an extra linmod-serve flag, written with '=': --service-flag=--max-wait-ms=10",
+    )
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     d = args.out or (QUICK_DIR if args.quick else RESULTS_DIR)
     d.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import loadgen
 from bench.common import (
+    add_service_flag,
     base_parser,
     check_target,
     command_line,
@@ -228,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "--job-wait", type=float, help="seconds to wait for the job (default: cancel quick, 3600)"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="offline engine")
-    p.add_argument(
-        "--service-flag",
-        action="append",
-        default=[],
-        help="an extra linmod-serve flag, written with '=': --service-flag=--max-wait-ms=10",
-    )
+    add_service_flag(p)
     args = p.parse_args(argv)
     q = args.quick
     args.clients = args.clients or ([1, 32] if q else [1, 8, 32, 128])

@@ -26,6 +26,7 @@ import numpy as np
 
 from bench import loadgen
 from bench.common import (
+    add_service_flag,
     base_parser,
     command_line,
     load_test_split,
@@ -122,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, help="test emails (default 100 quick, 400)")
     p.add_argument("--passes", type=int, help="times every email goes to each server (1 quick, 4)")
     p.add_argument("--block", type=int, default=50, help="documents per turn (default 50)")
-    p.add_argument(
-        "--service-flag",
-        action="append",
-        default=[],
-        help="an extra linmod-serve flag, written with '=': --service-flag=--max-wait-ms=10",
-    )
+    add_service_flag(p)
     args = p.parse_args(argv)
     if args.block < 1:
         p.error("--block must be at least 1")

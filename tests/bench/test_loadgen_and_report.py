@@ -68,7 +68,7 @@ def test_assemble_takes_every_fragment_in_order(tmp_path: Path) -> None:
 def test_run_all_arguments() -> None:
     args = parse(["--quick", "--only", "engine", "load"])
     assert args.quick and args.only == ["engine", "load"]
-    assert list(BENCHMARKS) == ["attention", "engine", "costgrid", "load"]
+    assert list(BENCHMARKS) == ["attention", "engine", "costgrid", "load", "paired"]
 
 
 def test_process_tree_cpu_counts_children() -> None:
