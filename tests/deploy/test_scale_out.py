@@ -204,10 +204,12 @@ def test_replicas_survive_a_kill_and_a_rolling_restart_under_load(
                 assert time.monotonic() < deadline, f"too slow to reach a fifth: {batch}"
                 time.sleep(0.1)
                 batch = poll_batch(lb.url, batch_id)
-            worker, held, lease_end = held_by(db, batch_id, killed.pid)
             killing = time.monotonic()
             killed.kill()
             killed_at, killed_wall = time.monotonic(), time.time()
+            # Read once it is dead: a line it finished between an earlier read and the kill was
+            # never held at the kill, and a dead process writes nothing more.
+            worker, held, lease_end = held_by(db, batch_id, killed.pid)
             assert worker is not None and held, "the killed replica held no lines"
             figures["killed at"] = batch["request_counts"]
             figures["lines held by the killed replica"] = len(held)
