@@ -72,6 +72,18 @@ def _spamassassin_lines(sa: dict[str, Any] | None, group: str = "hard-ham-1") ->
     ]
 
 
+def _held_out_words(metrics: dict[str, Any]) -> str:
+    held = metrics.get("held_out_for_threshold")
+    if not held:
+        return ""
+    counts = ", ".join(f"{n} {g}" for g, n in sorted(held["documents"].items()))
+    return (
+        f", the group rates held also on out-of-fold scores over the same {held['folds']} folds "
+        f"of the training split (each system's own: the model's from fold runs of its whole "
+        f"recipe, `linmod-folds`; they add {counts} to validation's)"
+    )
+
+
 def _versus_baseline(m: dict[str, Any], b: dict[str, Any], group: str = "hard-ham-1") -> str:
     """One sentence comparing the model with the baseline on F1 and the hard-ham flag rate."""
     df1 = 100 * (m["f1"] - b["f1"])
@@ -189,7 +201,8 @@ def render_card(artifact_dir: Path) -> str:
             "",
             f"Confusion matrix of the model (rows truth, columns prediction): ham [{cm['tn']}, "
             f"{cm['fp']}], spam [{cm['fn']}, {cm['tp']}]. Every system's threshold comes from the "
-            "validation split by the same rule. Calibration error: expected calibration error, "
+            f"validation split by the same rule{_held_out_words(metrics)}. Calibration error: "
+            "expected calibration error, "
             f"15 bins. `chunked`: the {metrics['model_chunked']['documents_longer_than_n_max']} test "
             f"messages longer than n_max are split into windows (overlap "
             f"{metrics['model_chunked']['chunk_overlap']}) and the highest flag score is kept, as the "

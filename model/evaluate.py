@@ -17,6 +17,7 @@ import torch
 from model.batching import predict_logits
 from model.card import write_card
 from model.checkpoint import CONFIG, CheckpointError, code_version, load_checkpoint
+from model.crossfit import held_arrays, read_held_out
 from model.data import DataError, Example, read_manifest, read_split
 from model.metrics import (
     binary_report,
@@ -66,6 +67,52 @@ def baseline_scores(
     return [pipe.predict_proba([e.text for e in exs])[:, 1] for exs in others]
 
 
+def baseline_held_out(
+    train: list[Example],
+    folds: list[list[dict[str, Any]]],
+    capped: list[Example],
+    flag_labels: list[str],
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """TF-IDF's out-of-fold scores over the same folds as the model's, for the documents of the
+    groups the rule holds (only those count there): each fold's fitted on the other folds."""
+    if not folds:
+        return None, None
+    wanted = {e.id for e in capped}
+    by_id = {e.id: e for e in train}
+    s_out: list[float] = []
+    g_out: list[str] = []
+    for rows in folds:
+        held_ids = {r["id"] for r in rows}
+        held = [by_id[r["id"]] for r in rows if r["id"] in wanted]
+        if not held:
+            continue
+        (s,) = baseline_scores([e for e in train if e.id not in held_ids], [held], flag_labels)
+        s_out.extend(float(x) for x in s)
+        g_out.extend(e.group for e in held)
+    return np.array(s_out), np.array(g_out)
+
+
+def held_out_words(folds: list[list[dict[str, Any]]]) -> str | None:
+    """How the threshold rule names the out-of-fold scores, or None without them."""
+    if not folds:
+        return None
+    return f"the training split's out-of-fold scores ({len(folds)} folds)"
+
+
+def held_out_summary(
+    folds: list[list[dict[str, Any]]], paths: list[Path], held_groups: dict[str, float]
+) -> dict[str, Any] | None:
+    """What metrics.json records of the out-of-fold scores: folds, files, and how many
+    documents of each held group they add to validation's."""
+    if not folds:
+        return None
+    by_group = {g: 0 for g in held_groups}
+    for r in (r for f in folds for r in f):
+        if r["group"] in by_group:
+            by_group[r["group"]] += 1
+    return {"folds": len(folds), "files": [str(p) for p in paths], "documents": by_group}
+
+
 def median_latency_ms(
     model: torch.nn.Module, seqs: list[list[int]], repeats: int = 20
 ) -> dict[str, float]:
@@ -90,6 +137,7 @@ def evaluate(
     max_group_rate: dict[str, float] | None = None,
     spamassassin: bool = False,
     sa_cache_dir: Path | None = None,
+    held_out: list[Path] | None = None,
 ) -> dict[str, Any]:
     ckpt = run_dir / "best"
     model = load_checkpoint(ckpt)
@@ -114,8 +162,14 @@ def evaluate(
     truth = {s: np.array([e.label in flag_labels for e in splits[s]]) for s in full_ids}
     scores = {s: flag_scores(probs[s], labels, flag_labels) for s in full_ids}
     val_groups = np.array([e.group for e in splits["validation"]])
+    # Out-of-fold scores of training documents (linmod-folds) join validation's in holding the
+    # group rates; each baseline gets its own over the same folds.
+    folds = read_held_out(held_out, splits["train"]) if held_out else []
+    if folds and not max_group_rate:
+        raise ValueError("--held-out-scores only serve --max-flag-rate; give both or neither")
+    held_s, held_g = held_arrays(folds) if folds else (None, None)
     threshold = choose_threshold(
-        scores["validation"], truth["validation"], val_groups, max_group_rate
+        scores["validation"], truth["validation"], val_groups, max_group_rate, held_s, held_g
     )
     groups = [e.group for e in splits["test"]]
     report = binary_report(scores["test"], truth["test"], threshold, groups)
@@ -135,12 +189,18 @@ def evaluate(
     b_val, b_test = baseline_scores(
         splits["train"], [splits["validation"], splits["test"]], flag_labels
     )
-    b_threshold = choose_threshold(b_val, truth["validation"], val_groups, max_group_rate)
+    capped = [e for e in splits["train"] if e.group in (max_group_rate or {})]
+    b_held_s, b_held_g = baseline_held_out(splits["train"], folds, capped, flag_labels)
+    b_threshold = choose_threshold(
+        b_val, truth["validation"], val_groups, max_group_rate, b_held_s, b_held_g
+    )
     baseline = binary_report(b_test, truth["test"], b_threshold, groups)
     sa_baseline: dict[str, Any] = {"skipped": "not run (--no-spamassassin)"}
     if spamassassin:
         try:
-            sa_baseline = spamassassin_baseline(splits, flag_labels, max_group_rate, sa_cache_dir)
+            sa_baseline = spamassassin_baseline(
+                splits, flag_labels, max_group_rate, sa_cache_dir, held_out=folds
+            )
         except SpamAssassinError as e:
             sa_baseline = {"skipped": f"SpamAssassin failed: {e}"}
 
@@ -148,7 +208,8 @@ def evaluate(
     metrics: dict[str, Any] = {
         "split": "test",
         "flag_labels": flag_labels,
-        "threshold_rule": threshold_rule(max_group_rate),
+        "threshold_rule": threshold_rule(max_group_rate, held_out_words(folds)),
+        "held_out_for_threshold": held_out_summary(folds, held_out or [], max_group_rate or {}),
         "model": report,
         "model_chunked": {
             **chunk_report,
@@ -222,6 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         "e.g. hard-ham-1=0.05 (legitimate commercial mail)",
     )
     p.add_argument(
+        "--held-out-scores",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="out-of-fold scores of the training split (`linmod-folds score`, one file per "
+        "fold) that join validation in holding --max-flag-rate; the baselines get theirs over "
+        "the same folds",
+    )
+    p.add_argument(
         "--no-spamassassin",
         action="store_true",
         help="skip the SpamAssassin baseline (run where spamassassin is installed)",
@@ -245,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             max_group_rate,
             spamassassin=not args.no_spamassassin,
             sa_cache_dir=args.sa_cache_dir,
+            held_out=args.held_out_scores,
         )
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"linmod-eval: error: {e}", file=sys.stderr)

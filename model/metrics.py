@@ -13,15 +13,30 @@ def choose_threshold(
     flagged: np.ndarray,
     groups: np.ndarray | None = None,
     max_group_rate: dict[str, float] | None = None,
+    held_scores: np.ndarray | None = None,
+    held_groups: np.ndarray | None = None,
 ) -> float:
     """The threshold maximising F1 of `flagged` on these scores; the median of ties.
 
     Candidates are the midpoints between consecutive distinct scores, so the choice does not
     sit on any one example's score. With `max_group_rate` ({group: rate}), only thresholds that
     flag at most that share of each named group (in `groups`) are candidates; flagging nothing
-    always qualifies, so there is always an answer.
+    always qualifies, so there is always an answer. `held_scores` and `held_groups` (out-of-fold
+    scores of training documents, say) join the validation examples in that hold, and only there:
+    F1 stays the validation split's. Their scores in held groups add candidates, so that the
+    threshold can sit just above one of them.
     """
-    s = np.unique(scores)
+    s = scores
+    if held_scores is not None and held_groups is not None and len(held_scores):
+        if groups is None:
+            raise ValueError("held-out scores need the validation groups beside them")
+        pooled_s = np.concatenate([scores, held_scores])
+        pooled_g = np.concatenate([groups, held_groups])
+        in_held = np.isin(held_groups, list(max_group_rate or {}))
+        s = np.concatenate([scores, held_scores[in_held]])
+    else:
+        pooled_s, pooled_g = scores, groups
+    s = np.unique(s)
     cands = (
         np.concatenate([[s[0] / 2], (s[:-1] + s[1:]) / 2, [(s[-1] + 1) / 2]])
         if len(s)
@@ -31,12 +46,12 @@ def choose_threshold(
     for name, rate in (max_group_rate or {}).items():
         if groups is None or not (groups == name).any():
             raise ValueError(f"no validation examples in group {name!r} to hold to a flag rate")
-        limits.append((groups == name, rate))
+        limits.append((pooled_s[pooled_g == name], rate))
     pos = flagged.astype(bool)
     best, ties = -1.0, []
     for t in cands:
         pred = scores >= t
-        if any(pred[member].mean() > rate + 1e-12 for member, rate in limits):
+        if any((member >= t).mean() > rate + 1e-12 for member, rate in limits):
             continue
         tp = int((pred & pos).sum())
         fp = int((pred & ~pos).sum())
@@ -49,15 +64,20 @@ def choose_threshold(
     return float(np.median(ties))
 
 
-def threshold_rule(max_group_rate: dict[str, float] | None = None) -> str:
-    """The threshold rule in words, as the model card and config.json state it."""
+def threshold_rule(
+    max_group_rate: dict[str, float] | None = None, held_out: str | None = None
+) -> str:
+    """The threshold rule in words, as the model card and config.json state it; `held_out` names
+    the out-of-fold scores that join validation in holding the group rates."""
     rule = "the threshold that maximises F1 of the flag decision on the validation split"
     if max_group_rate:
         held = ", ".join(f"{rate:.0%} of {name}" for name, rate in max_group_rate.items())
-        rule += f", among thresholds that flag at most {held} there"
-    return (
-        rule + " (candidates: midpoints between consecutive validation scores; the median of ties)"
-    )
+        where = f"there and in {held_out} taken together" if held_out else "there"
+        rule += f", among thresholds that flag at most {held} {where}"
+    among = "validation scores"
+    if max_group_rate and held_out:
+        among = "scores of validation and of those held-out documents of the held groups"
+    return rule + f" (candidates: midpoints between consecutive {among}; the median of ties)"
 
 
 def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
