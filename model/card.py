@@ -220,7 +220,12 @@ def render_card(artifact_dir: Path) -> str:
         lines += [
             "",
             f"PyTorch eager, batch 1, median test message ({lat.get('tokens')} tokens): "
-            f"{lat.get('ms', 0):.1f} ms on the training machine.",
+            f"{lat.get('ms', 0):.1f} ms on "
+            + (
+                f"the evaluating machine ({lat['machine']})."
+                if lat.get("machine")
+                else "the training machine."
+            ),
             "",
             _versus_baseline(m, metrics["baseline_tfidf_logreg"]),
             "",

@@ -19,6 +19,7 @@ from model.card import write_card
 from model.checkpoint import CONFIG, CheckpointError, code_version, load_checkpoint
 from model.crossfit import held_arrays, read_held_out
 from model.data import DataError, Example, read_manifest, read_split
+from model.machine import machine_info
 from model.metrics import (
     binary_report,
     bootstrap_f1_difference,
@@ -124,7 +125,10 @@ def median_latency_ms(
         t0 = time.perf_counter()
         for _ in range(repeats):
             model(ids, mask)
-    return {"tokens": len(doc), "ms": 1000 * (time.perf_counter() - t0) / repeats}
+    ms = 1000 * (time.perf_counter() - t0) / repeats
+    mi = machine_info()
+    machine = f"{mi['cpu']}, {torch.get_num_threads()} threads"
+    return {"tokens": len(doc), "ms": ms, "machine": machine}
 
 
 def evaluate(
