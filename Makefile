@@ -40,6 +40,9 @@ PT_STAGE2 ?= --max-len 512 --epochs 1 --lr 3e-5 --warmup-steps 10 --init-head --
 DS_MODEL ?= model/artifacts/spamassassin-linformer-distilled
 DS_RUN ?= runs/spamassassin-distilled
 DS_INIT ?= model/artifacts/spamassassin-linformer
+# The teacher: the pre-trained run, or its shipped artifact (DS_TEACHER=$(PT_MODEL): its fp32 ONNX
+# graph, read up to the encoder's logits), so that a clone can distil again without fine-tuning.
+DS_TEACHER ?= $(PT_RUN)
 DS_ARGS ?= --init-head --distill-weight 0.7 --distill-temperature 2 --epochs 2 --bow-offset 2 --bow-group-weights \
            --lr 2e-4 --warmup-steps 30 --average-last 2 --group-weights hard-ham-1=4
 # The student's threshold holds 5% of hard ham on validation and on out-of-fold scores of the
@@ -59,7 +62,8 @@ help:
 	@echo "make lint       ruff and mypy"
 	@echo "make model      reproduce the shipped model from scratch (data, train, eval, export, parity)"
 	@echo "make model-pretrained  the pre-trained MiniLM Linformer (about 75 min on 2 cores)"
-	@echo "make model-distilled   its distilled student at the shipped size (after model-pretrained)"
+	@echo "make model-distilled   its distilled student at the shipped size (after model-pretrained,"
+	@echo "                       or from the shipped teacher: DS_TEACHER=$(PT_MODEL))"
 	@echo "make bench      run all benchmarks (bench-quick for a few minutes' version)"
 	@echo "make bench-mail raw mail vs extracted text over HTTP on the whole test split, and F1"
 	@echo "make deploy-check  render, validate and lint the Kubernetes and compose files"
@@ -133,7 +137,7 @@ model-pretrained: data
 
 # Distil the pre-trained model (make model-pretrained first) into the shipped model's size.
 model-distilled: data
-	$(VENV)/bin/linmod-distill --teacher $(PT_RUN) --data $(DATA) --out $(PT_RUN)/teacher-train.json --max-len 512 --bow-folds 5
+	$(VENV)/bin/linmod-distill --teacher $(DS_TEACHER) --data $(DATA) --out $(PT_RUN)/teacher-train.json --max-len 512 --bow-folds 5
 	$(VENV)/bin/linmod-train --data $(DATA) --out $(DS_RUN) --teacher $(PT_RUN)/teacher-train.json --init $(DS_INIT) $(DS_ARGS)
 	$(VENV)/bin/linmod-bow --run $(DS_RUN) --data $(DATA)
 	$(VENV)/bin/linmod-folds split --data $(DATA) --out $(DS_FOLD_DIR) --folds $(DS_FOLDS)

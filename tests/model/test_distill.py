@@ -77,6 +77,51 @@ def test_cross_fitted_bag_of_words_scores_each_document_from_the_other_folds(
         distill_main(args)
 
 
+def test_an_exported_teacher_gives_its_runs_logits_without_its_bag_of_words(
+    tiny_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """--teacher ARTIFACT reads the fp32 graph up to the encoder's logits, before the in-graph
+    bag of words is added, and cross-fits that bag of words as the run would: a student can be
+    distilled again from a clone, with no PyTorch run of the teacher."""
+    import shutil
+
+    from export.onnx_export import export_artifact
+    from model.bow import add_bow
+    from model.evaluate import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    add_bow(run, tiny_data)
+    artifact = tmp_path / "artifact"
+    evaluate(run, tiny_data, artifact, "tiny-with-bow")
+    export_artifact(artifact, calibration_data=tiny_data)
+    assert json.loads((artifact / "model_config.json").read_text())["bow"]
+    for folds in (0, 3):
+        from_run = teacher_logits(run, tiny_data, bow_folds=folds)
+        from_onnx = teacher_logits(artifact, tiny_data, bow_folds=folds)
+        ids = sorted(from_run["logits"])
+        assert ids == sorted(from_onnx["logits"])
+        np.testing.assert_allclose(
+            [from_onnx["logits"][i] for i in ids], [from_run["logits"][i] for i in ids], atol=1e-4
+        )
+        assert from_onnx["bow_mix"] == from_run["bow_mix"]
+        assert from_onnx["teacher"].endswith("model.onnx")
+    # The in-graph branch is left out: the artifact's own output differs from what it taught.
+    import onnxruntime as ort
+
+    from service.artifact import pad_batch
+
+    examples = read_split(tiny_data, "train")[:4]
+    tok = load_tokenizer(artifact / "tokenizer.json")
+    seqs = [s[:64] for s in encode(tok, [e.text for e in examples])]
+    ids, mask = pad_batch(seqs, 0)
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    (whole,) = sess.run(None, {"input_ids": ids, "attention_mask": mask})
+    plain = teacher_logits(artifact, tiny_data)
+    taught = np.array([plain["logits"][e.id] for e in examples])
+    assert np.abs(whole - taught).max() > 1e-2
+
+
 def test_a_teacher_file_missing_documents_is_a_clear_error(
     tiny_run: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
