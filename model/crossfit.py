@@ -132,6 +132,13 @@ def held_arrays(folds: list[list[dict[str, Any]]]) -> tuple[np.ndarray, np.ndarr
     return np.array([r["score"] for r in rows], dtype=float), np.array([r["group"] for r in rows])
 
 
+def held_out_words(folds: list[list[dict[str, Any]]]) -> str | None:
+    """How the threshold rule names the out-of-fold scores, or None without them."""
+    if not folds:
+        return None
+    return f"the training split's out-of-fold scores ({len(folds)} folds)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="linmod-folds", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

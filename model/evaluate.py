@@ -17,7 +17,7 @@ import torch
 from model.batching import predict_logits
 from model.card import write_card
 from model.checkpoint import CONFIG, CheckpointError, code_version, load_checkpoint
-from model.crossfit import held_arrays, read_held_out
+from model.crossfit import held_arrays, held_out_words, read_held_out
 from model.data import DataError, Example, read_manifest, read_split
 from model.machine import machine_info
 from model.metrics import (
@@ -91,13 +91,6 @@ def baseline_held_out(
         s_out.extend(float(x) for x in s)
         g_out.extend(e.group for e in held)
     return np.array(s_out), np.array(g_out)
-
-
-def held_out_words(folds: list[list[dict[str, Any]]]) -> str | None:
-    """How the threshold rule names the out-of-fold scores, or None without them."""
-    if not folds:
-        return None
-    return f"the training split's out-of-fold scores ({len(folds)} folds)"
 
 
 def held_out_summary(

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from model.crossfit import held_out_words
 from model.data import DataError, Example, read_split
 from model.metrics import binary_report, choose_threshold, threshold_rule
 
@@ -308,10 +309,7 @@ def spamassassin_baseline(
         "with neutral From, To, Date and Message-ID headers",
         "bayes_trained_on": r["bayes"],
         "bayes_rule_hit_rate": r["bayes_rule_hit_rate"],
-        "threshold_rule": threshold_rule(
-            max_group_rate,
-            f"the training split's out-of-fold scores ({len(held_out)} folds)" if held_s else None,
-        ),
+        "threshold_rule": threshold_rule(max_group_rate, held_out_words(held_out or [])),
         "at_default_threshold": default,
         "data_key": r["key"],
         "seconds": r["seconds"],
