@@ -1,4 +1,4 @@
-"""A closed-loop HTTP load generator (asyncio + httpx), a server process that is started and
+"""A closed-loop HTTP load generator (asyncio + aiohttp), a server process that is started and
 awaited on /ready, Prometheus counters scraped over HTTP, and the batch-jobs client calls.
 """
 
@@ -67,30 +67,39 @@ async def run_level(
     path: str = "/v1/classify",
     extra: dict[str, Any] | None = None,
     timeout: float = 120.0,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> LevelResult:
-    """Send every text once, from `clients` concurrent clients, and time each answer."""
-    result = LevelResult(clients)
-    pending = iter(range(len(texts)))  # shared: each client takes the next text
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    """Send every text once, from `clients` concurrent clients, and time each answer.
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    The client shares the machine with the server it measures, so it is kept lean: aiohttp
+    (about a third of httpx's CPU per request) over kept-alive connections, with every body
+    serialized before the clock starts.
+    """
+    import aiohttp
+
+    result = LevelResult(clients)
+    bodies = [json.dumps({"input": text, **(extra or {})}).encode() for text in texts]
+    pending = iter(range(len(bodies)))  # shared: each client takes the next text
+    headers = {"content-type": "application/json"}
+
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         for i in pending:
             t0 = time.perf_counter()
             try:
-                response = await client.post(path, json={"input": texts[i], **(extra or {})})
-                status = response.status_code
-            except httpx.HTTPError:
+                async with session.post(path, data=bodies[i], headers=headers) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError):
                 status = 0
             if status == 200:
                 result.latencies.append(time.perf_counter() - t0)
             result.statuses[status] = result.statuses.get(status, 0) + 1
 
-    async with httpx.AsyncClient(
-        base_url=url, timeout=timeout, limits=limits, transport=transport
-    ) as client:
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(
+        url, connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
         cpu0, t0 = _cpu_s(), time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(session) for _ in range(clients)))
         result.seconds = time.perf_counter() - t0
         result.client_cpu_s = _cpu_s() - cpu0
     return result

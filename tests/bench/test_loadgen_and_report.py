@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
-import httpx
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from bench.loadgen import batch_file, run_level
+from bench.loadgen import batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
 
 
@@ -24,10 +26,20 @@ async def test_run_level_counts_every_answer() -> None:
         return JSONResponse({"ok": status == 200}, status_code=status)
 
     texts = ["a", "busy", "b", "bad", "c", "busy"]
-    result = await run_level(
-        "http://test", texts, 3, extra={"long_document": "truncate"},
-        transport=httpx.ASGITransport(app=app),
-    )  # fmt: skip
+    port = free_port()  # a real server: the load generator speaks HTTP over TCP
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = await run_level(
+            f"http://127.0.0.1:{port}", texts, 3, extra={"long_document": "truncate"}
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
     assert (result.ok, result.throttled, result.errors) == (3, 2, 1)
     assert len(result.latencies) == 3 and result.seconds > 0
     assert sorted(str(b["input"]) for b in seen) == sorted(texts)  # each text sent once
