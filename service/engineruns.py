@@ -1,15 +1,19 @@
-"""The running half of the dynamic batcher: runner tasks that take formed batches to the engine's
-threads, the run a lone window starts at once, and the results handed back to their requests.
+"""The running half of the dynamic batcher: engine threads that take formed batches straight from
+the hand-off queue, and the results handed back to their requests on the event loop.
 `DynamicBatcher` (service/batcher.py) owns the queue and the forming, and the state below.
+
+An engine thread that finishes a run takes the next formed batch itself, without waiting for
+the event loop: under load the loop is busy with HTTP work, and a core left idle until it gets
+round to handing over the next batch is throughput lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from service.artifact import FloatArray, IntArray, pad_batch
 from service.costmodel import BatchingPolicy, CostModel
@@ -26,18 +30,28 @@ from service.queueing import (
 
 log = logging.getLogger("service.batcher")
 
+# What an engine thread takes: a formed batch and, for a run `submit` started itself, the future
+# that says it has ended; None tells the thread to stop.
+Handoff = tuple[list[QueuedWindow], "asyncio.Future[None] | None"] | None
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
 
 class EngineRuns:
     """Runs batches on the engine's threads; mixed into DynamicBatcher, which sets these."""
 
     _engine: Engine
     _metrics: Metrics
-    _executor: ThreadPoolExecutor
     _workers: int
-    _idle: int  # runners free, less batches handed to them and not yet run
+    _idle: int  # engine threads free, less batches handed to them and not yet run
     _num_labels: int
     _pending: dict[Priority, list[QueuedWindow]]
-    _ready: asyncio.Queue[list[QueuedWindow] | None]
+    _ready: queue.SimpleQueue[Handoff]  # formed batches not yet taken by an engine thread
+    _threads: list[threading.Thread]
+    _stopped: list[asyncio.Future[None]]  # one per engine thread, set when it has ended
     _direct: set[asyncio.Future[None]]  # runs started by `submit` itself
     _closing: bool
     _run_seconds: float
@@ -57,41 +71,97 @@ class EngineRuns:
     def _runner_idle(self) -> bool:
         return self._idle > 0
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._ready.get()
-            self._nudge()  # the slot is free: the next batch may be formed
-            if batch is None:
-                return
-            live = [item for item in batch if not item.request.done]
-            try:
-                if live:
-                    await self._run(loop, live)
-            finally:
-                self._idle += 1
-                self._nudge()  # a partial batch held back for a busy engine may leave now
-                for priority in Priority:
-                    self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
+    def _start_threads(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._stopped = [loop.create_future() for _ in range(self._workers)]
+        self._threads = [
+            threading.Thread(
+                target=self._engine_thread,
+                args=(loop, stopped),
+                name=f"linmod-engine-{i}",
+                daemon=True,
+            )
+            for i, stopped in enumerate(self._stopped)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
-        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
-        start = time.perf_counter()
+    def _hand(self, batch: list[QueuedWindow], direct: asyncio.Future[None] | None = None) -> None:
+        """Give a formed batch to the engine threads (on the loop; `_idle` counts it taken)."""
+        self._idle -= 1
+        self._ready.put((batch, direct))
+
+    def _engine_thread(
+        self, loop: asyncio.AbstractEventLoop, stopped: asyncio.Future[None]
+    ) -> None:
+        def post(callback: object, *args: object) -> bool:
+            try:
+                loop.call_soon_threadsafe(callback, *args)  # type: ignore[arg-type]
+            except RuntimeError:  # the loop has closed: nobody is waiting
+                return False
+            return True
+
         try:
-            # Alone (no other run, nothing queued), a run may take every core.
-            solo = self._idle == self._workers - 1 and not any(self._pending.values())
-            logits = await loop.run_in_executor(self._executor, self._engine.run, ids, mask, solo)
-        except Exception as exc:
-            self._failed(batch, ids, exc)
-            return
-        self._completed(batch, ids, mask, logits, time.perf_counter() - start)
+            while True:
+                handed = self._ready.get()
+                if handed is None:
+                    return
+                batch, direct = handed
+                post(self._nudge)  # the hand-off slot is free: the next batch may be formed
+                # A window whose caller has gone is skipped (a stale read only runs it anyway).
+                live = [item for item in batch if not item.request.done]
+                ids = mask = logits = None
+                error: Exception | None = None
+                seconds = 0.0
+                if live:
+                    ids, mask = pad_batch([item.ids for item in live], self._engine.config.pad_id)
+                    # Alone (no other run, nothing queued), a run may take every core.
+                    solo = self._idle == self._workers - 1 and not any(self._pending.values())
+
+                    start = time.perf_counter()
+                    try:
+                        logits = self._engine.run(ids, mask, solo)
+                    except Exception as exc:
+                        error = exc
+                    seconds = time.perf_counter() - start
+                if not post(self._ran, batch, live, ids, mask, logits, error, seconds, direct):
+                    return
+        finally:
+            post(_set_done, stopped)
+
+    def _ran(
+        self,
+        batch: list[QueuedWindow],
+        live: list[QueuedWindow],
+        ids: IntArray | None,
+        mask: IntArray | None,
+        logits: FloatArray | None,
+        error: Exception | None,
+        seconds: float,
+        direct: asyncio.Future[None] | None,
+    ) -> None:
+        """On the loop, after an engine thread's run: results to their requests, the thread
+        counted free again."""
+        try:
+            if ids is not None and mask is not None:
+                if error is not None or logits is None:
+                    self._failed(live, ids, error or RuntimeError("no logits"))
+                else:
+                    self._completed(live, ids, mask, logits, seconds)
+        finally:
+            self._idle += 1
+            self._nudge()  # a partial batch held back for a busy engine may leave now
+            for priority in Priority:
+                self._release_jobs(priority, sum(i.request.priority is priority for i in batch))
+            if direct is not None:
+                self._direct.discard(direct)
+                direct.set_result(None)
 
     # -- one window at once ------------------------------------------------------------------
 
     def _runs_at_once(self, items: list[QueuedWindow]) -> bool:
         """Batching off, one interactive window, nothing queued, a runner free and no batch
-        waiting for one: the forming task would hand it straight to a runner, so it skips both
-        tasks. (With batching on, requests arriving together still meet in the queue.)"""
+        waiting for one: the forming task would hand it straight to a runner, so it skips that
+        task. (With batching on, requests arriving together still meet in the queue.)"""
         return (
             not self.policy.batching
             and len(items) == 1
@@ -103,37 +173,15 @@ class EngineRuns:
         )
 
     def _run_now(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
-        """Start `batch` on a free runner from the caller's own task: no forming-task and
-        runner-task hops between the request and the engine thread. The runner stays taken
-        until the engine returns, even when the caller has gone."""
-        self._idle -= 1
+        """Hand `batch` to a free engine thread from the caller's own task: no forming-task
+        hop between the request and the engine thread. The thread stays taken until the engine
+        returns, even when the caller has gone."""
         wait = self._metrics.queue_wait.labels(batch[0].request.priority.label)
         for _ in batch:
             wait.observe(0.0)
-        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
-        solo = self._idle == self._workers - 1
         done: asyncio.Future[None] = loop.create_future()
         self._direct.add(done)
-        start = time.perf_counter()
-
-        def finish(future: Future[FloatArray]) -> None:
-            try:
-                logits = future.result()
-            except Exception as exc:
-                self._failed(batch, ids, exc)
-            else:
-                self._completed(batch, ids, mask, logits, time.perf_counter() - start)
-            finally:
-                self._idle += 1
-                self._nudge()
-                self._direct.discard(done)
-                done.set_result(None)
-
-        def returned(future: Future[FloatArray]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
-                loop.call_soon_threadsafe(finish, future)
-
-        self._executor.submit(self._engine.run, ids, mask, solo).add_done_callback(returned)
+        self._hand(batch, done)
 
     # -- results -----------------------------------------------------------------------------
 

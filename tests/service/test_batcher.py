@@ -383,7 +383,8 @@ async def test_with_batching_off_a_lone_window_keeps_its_runner_until_the_engine
     waiting = asyncio.create_task(batcher.submit([window(6, marker=81)]))
     await settle()
     assert not await asyncio.to_thread(engine.entered.acquire, timeout=0.05)
-    assert batcher.queued(Priority.INTERACTIVE) == (1, 6)
+    # The next window is handed over ahead, to wait for the one engine thread, not run beside.
+    assert batcher.queued(Priority.INTERACTIVE) == (0, 0) and batcher._ready.qsize() == 1
     engine.gate.set()
     result = await asyncio.wait_for(waiting, timeout=5)
     with pytest.raises(asyncio.CancelledError):
@@ -391,6 +392,25 @@ async def test_with_batching_off_a_lone_window_keeps_its_runner_until_the_engine
     assert markers(engine) == [[80], [81]]
     assert result.logits.shape == (1, 2) and result.batches == 1
     assert value(batcher._metrics, "linmod_batch_size_count") == 2
+
+
+async def test_an_engine_thread_starts_the_next_window_without_the_event_loop(
+    make: MakeBatcher, engine: ControlledEngine
+) -> None:
+    # One window per run: the next window waits with the engine thread, so a busy event loop
+    # (here: blocked outright) cannot leave the engine idle between runs.
+    batcher = await started(make(batching="off", max_wait_s=LONG))
+    engine.gate.clear()
+    first = asyncio.create_task(batcher.submit([window(5, marker=90)]))
+    assert await asyncio.to_thread(engine.entered.acquire, timeout=5)
+    second = asyncio.create_task(batcher.submit([window(6, marker=91)]))
+    await settle()
+    engine.gate.set()
+    assert engine.entered.acquire(timeout=5)  # on the loop's own thread: the loop does nothing
+    results = await asyncio.wait_for(asyncio.gather(first, second), timeout=5)
+    assert markers(engine) == [[90], [91]]
+    assert [r.batches for r in results] == [1, 1]
+    await batcher.close()
 
 
 async def test_shutdown_waits_for_a_run_started_at_once(
