@@ -106,7 +106,10 @@ class EngineRuns:
                 if handed is None:
                     return
                 batch, direct = handed
-                post(self._nudge)  # the hand-off slot is free: the next batch may be formed
+                if any(self._pending.values()):
+                    # A slot is free: the next batch may be formed. (Nothing queued: nothing to
+                    # form, and waking the loop would only take a core from this run.)
+                    post(self._nudge)
                 # A window whose caller has gone is skipped (a stale read only runs it anyway).
                 live = [item for item in batch if not item.request.done]
                 ids = mask = logits = None
