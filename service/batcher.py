@@ -271,7 +271,7 @@ class DynamicBatcher(EngineRuns):
             # With batching on, at most one batch waits for an engine thread. A partial batch
             # leaves for an idle thread at once unless more windows are being tokenized (then
             # after max-wait), but not while every thread is busy: waiting can only fill it more.
-            # One window per run: see `_can_fill`.
+            # One window per run: see `_slots`.
             slot_free = self._ready.qsize() < self._slots
             expired = waited >= self.config.max_wait_s or not self.incoming
             priority = oldest.request.priority
@@ -294,7 +294,13 @@ class DynamicBatcher(EngineRuns):
 
     @property
     def _slots(self) -> int:
-        """Formed batches that may wait for an engine thread (see `_can_fill`)."""
+        """Formed batches that may wait for an engine thread.
+
+        One window per run: up to one window per engine thread is handed over ahead, so a thread
+        that finishes a run starts the next at once instead of waiting for the event loop to
+        hand it one (under load the loop is busy with HTTP work: on 2 cores that wait left 6-7%
+        of the CPU idle). The rest wait in the queue, where a caller that goes, or a deadline,
+        can still take them back."""
         return 1 if self.policy.batching else self._workers
 
     def _oldest(self) -> QueuedWindow | None:
@@ -307,12 +313,9 @@ class DynamicBatcher(EngineRuns):
         """Enough windows of one priority are waiting to fill a batch (priorities do not mix)."""
         items, tokens = len(self._pending[priority]), self._tokens[priority]
         if not self.policy.batching:
-            # One window per run: up to one window per engine thread is handed over ahead, so
-            # a thread that finishes a run starts the next at once instead of waiting for the
-            # event loop to hand it one (under load the loop is busy with HTTP work: on 2 cores
-            # that wait left 6-7% of the CPU idle). The rest wait in the queue, where a caller
-            # that goes, or a deadline, can still take them back.
-            return items > 0 and self._ready.qsize() < self._workers
+            # One window per run: any window may leave once the hand-off queue has room
+            # (`_slots`, checked by the caller).
+            return items > 0
         return items >= self.config.max_batch_size or tokens >= self.config.max_batch_tokens
 
     def _take(self, batch: list[QueuedWindow]) -> list[QueuedWindow]:

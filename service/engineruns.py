@@ -119,7 +119,6 @@ class EngineRuns:
                     ids, mask = pad_batch([item.ids for item in live], self._engine.config.pad_id)
                     # Alone (no other run, nothing queued), a run may take every core.
                     solo = self._idle == self._workers - 1 and not any(self._pending.values())
-
                     start = time.perf_counter()
                     try:
                         logits = self._engine.run(ids, mask, solo)
