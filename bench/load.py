@@ -5,7 +5,9 @@ and interactive latency while a batch job runs.
 
 The service (defaults: batching chosen by measurement) and the naive server run side by side and
 take turns level by level, `--repeats` times, and each figure is the median of the turns: on a
-shared host the machine's speed drifts by more than the differences being measured. The peers
+shared host the machine's speed drifts by more than the differences being measured. At one
+client they take turns more finely, every `--block` emails within a turn, so that a drift within
+the turn cannot move one client's p50 of one server against the other's. The peers
 (LitServe, Ray Serve) run after, once per level, from their own environment (`bench.peers`).
 
 Every request is `POST /v1/classify {"input": <email>, "long_document": "truncate"}`, so every
@@ -47,6 +49,7 @@ from bench.load_offline import OfflineResult, offline_schedules
 
 TRUNCATE = {"long_document": "truncate"}
 SERVICE, FORCED_ON, NAIVE = "service (defaults)", "service, --batching on", "naive server"
+OURS = (SERVICE, FORCED_ON)
 STATS = ["windows_per_run", "engine_run_ms", "queue_wait_ms"]
 HEADERS = [
     "server",
@@ -119,23 +122,65 @@ def say(row: list[Any]) -> None:
     )
 
 
+def one_client_turn(
+    servers: dict[str, loadgen.ServerProcess], texts: list[str], block: int, turn: int
+) -> dict[str, tuple[loadgen.LevelResult, dict[str, float], float]]:
+    """One client, every server sent every text once, the servers taking turns every `block`
+    texts (each block's order reversed from the last): a drift of the machine's speed within
+    the turn falls on every server alike, where whole-level turns let it move one client's p50
+    by several per cent. One merged result per server."""
+    before = {name: loadgen.counters(s.url) for name, s in servers.items() if name in OURS}
+    merged = {name: (loadgen.LevelResult(1), 0.0) for name in servers}
+    for b, start in enumerate(range(0, len(texts), block)):
+        names = list(servers) if (b + turn) % 2 == 0 else list(servers)[::-1]
+        for name in names:
+            server = servers[name]
+            time.sleep(0.2)  # the previous server's threads settle
+            cpu0 = server.cpu_s()
+            got = asyncio.run(
+                loadgen.run_level(server.url, texts[start : start + block], 1, extra=TRUNCATE)
+            )
+            total, cpu = merged[name]
+            total.seconds += got.seconds
+            total.latencies += got.latencies
+            total.client_cpu_s += got.client_cpu_s
+            for status, n in got.statuses.items():
+                total.statuses[status] = total.statuses.get(status, 0) + n
+            merged[name] = (total, cpu + server.cpu_s() - cpu0)
+    return {
+        name: (
+            total,
+            loadgen.server_stats(before[name], loadgen.counters(servers[name].url))
+            if name in OURS
+            else {},
+            cpu,
+        )
+        for name, (total, cpu) in merged.items()
+    }
+
+
 def side_by_side(
     servers: dict[str, loadgen.ServerProcess],
     texts: list[str],
     clients: list[int],
     repeats: int,
     engine_cpu_ms: float,
+    block: int = 0,
 ) -> list[list[Any]]:
-    """Every server at every level, taking turns, `repeats` times; one row per server and level."""
+    """Every server at every level, taking turns, `repeats` times; one row per server and level.
+    With `block`, one client's level alternates the servers every `block` texts instead."""
     for server in servers.values():  # warm connections and shapes
         asyncio.run(loadgen.run_level(server.url, texts[:32], 8, extra=TRUNCATE))
     rows = []
     for c in clients:
         turns: dict[str, list[Any]] = {name: [] for name in servers}
-        for _ in range(repeats):
+        for turn in range(repeats):
+            if c == 1 and block and len(servers) > 1:
+                for name, got in one_client_turn(servers, texts, block, turn).items():
+                    turns[name].append(got)
+                continue
             for name, server in servers.items():
-                ours = name in (SERVICE, FORCED_ON)
-                turns[name].append(measured(server, texts, c, metrics=ours))
+                turns[name].append(measured(server, texts, c, metrics=name in OURS))
         for name in servers:
             rows.append(level_row(name, turns[name], engine_cpu_ms))
             say(rows[-1])
@@ -222,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--peers", nargs="*", choices=["LitServe", "Ray Serve"], default=["LitServe", "Ray Serve"]
     )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=50,
+        help="at one client, the servers take turns every BLOCK texts (0: a whole level each)",
+    )
     p.add_argument("--interactive-clients", type=int, default=4)
     p.add_argument("--interactive-requests", type=int, help="default 60 quick, 400")
     p.add_argument("--job-lines", type=int, help="batch-job lines (default 1,000 quick, 10,000)")
@@ -231,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="offline engine")
     add_service_flag(p)
     args = p.parse_args(argv)
+    if args.block < 0:
+        p.error("--block must be 0 or more")
     q = args.quick
     args.clients = args.clients or ([1, 32] if q else [1, 8, 32, 128])
     docs = args.docs if args.docs is not None else (150 if q else 400)
@@ -279,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"http://127.0.0.1:{port}",
                 tmp / "naive.log",
             )
-            rows += side_by_side(servers, texts, args.clients, args.repeats, engine_cpu_ms)
+            rows += side_by_side(
+                servers, texts, args.clients, args.repeats, engine_cpu_ms, args.block
+            )
             policy = loadgen.batching_policy(servers[SERVICE].url)
             job_rows, job_note = batch_job_part(servers[SERVICE], texts, args, engine_cpu_ms)
             print(job_note, flush=True)
@@ -367,7 +422,13 @@ def report(
             f"per run ({offline[1].cpu_ms_per_doc:.1f} ms), the same for every server. "
             "`client_cpu_s` is the load generator's own CPU time per level: on a small machine it "
             "competes with the server for the same cores. Service and naive rows are medians of "
-            "`turns` alternating runs.",
+            "`turns` alternating runs"
+            + (
+                f"; at one client each turn sends every email to every server, the servers "
+                f"taking turns every {args.block} emails."
+                if args.block
+                else "."
+            ),
             "Targets:",
             markdown_table(["target", "measured", "status"], targets),
             "![load](load.png)",

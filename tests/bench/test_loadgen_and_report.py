@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from bench.load import one_client_turn
 from bench.loadgen import batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
 
@@ -109,3 +110,51 @@ def test_process_tree_cpu_counts_children() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+class _Served:
+    """A real uvicorn server in a thread, with what `one_client_turn` reads of a server process."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        app = FastAPI()
+
+        @app.post("/v1/classify")
+        async def classify(body: dict[str, object]) -> dict[str, bool]:
+            log.append((name, str(body["input"])))
+            return {"ok": True}
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def cpu_s(self) -> float:
+        return time.process_time()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def test_one_client_turn_alternates_the_servers_block_by_block() -> None:
+    log: list[tuple[str, str]] = []
+    servers = {"a": _Served("a", log), "b": _Served("b", log)}
+    texts = [f"text {i}" for i in range(7)]
+    try:
+        got = one_client_turn(servers, texts, block=3, turn=1)  # type: ignore[arg-type]
+    finally:
+        for s in servers.values():
+            s.stop()
+    # Blocks of 3, 3 and 1 texts; who goes first alternates block to block, and turn to turn.
+    expected = []
+    for b, chunk in enumerate([texts[0:3], texts[3:6], texts[6:]]):
+        order = ["a", "b"] if (b + 1) % 2 == 0 else ["b", "a"]
+        expected += [(name, text) for name in order for text in chunk]
+    assert log == expected
+    for result, stats, cpu in got.values():  # one merged result per server
+        assert result.clients == 1 and result.ok == len(texts) == len(result.latencies)
+        assert result.seconds > 0 and stats == {} and cpu >= 0
