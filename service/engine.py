@@ -78,6 +78,7 @@ class OnnxEngine:
     ) -> None:
         self._session = session
         self._wide = wide_session  # every core on one run, for a run with none beside it
+        self.solo_session = wide_session is not None
         self.config = config
         self.precision = precision
         self.workers = workers
@@ -242,10 +243,16 @@ def warmup_shapes(n_max: int, max_batch_tokens: int, max_batch_size: int) -> lis
 
 
 def warmup(engine: Engine, shapes: list[tuple[int, int]]) -> float:
-    """Run each shape once (allocators, kernels, CUDA graphs); returns seconds taken."""
+    """Run each shape once (allocators, kernels, CUDA graphs); returns seconds taken.
+
+    An engine with a separate session for runs alone warms that one too: on an idle server it
+    serves the first requests, and cold, its first long window pays for growing its arena.
+    """
     start = time.perf_counter()
     token = 1 if engine.config.pad_id != 1 else 2  # any id but the pad id
+    sessions = (False, True) if getattr(engine, "solo_session", False) else (False,)
     for batch, length in shapes:
         ids = np.full((batch, length), token, dtype=np.int64)
-        engine.run(ids, np.ones((batch, length), dtype=np.int64))
+        for solo in sessions:
+            engine.run(ids, np.ones((batch, length), dtype=np.int64), solo)
     return time.perf_counter() - start

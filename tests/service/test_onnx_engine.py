@@ -127,6 +127,24 @@ def test_warmup_covers_short_long_and_full_batches(model_dir: Path) -> None:
     assert warmup(engine, warmup_shapes(16, 64, 8)) >= 0
 
 
+def test_warmup_warms_the_session_for_runs_alone_too(model_dir: Path) -> None:
+    engine = OnnxEngine.load(model_dir, device="cpu", workers=2, intra_op_threads=1)
+    assert engine.solo_session  # two one-thread runs at once, and one on both threads alone
+    calls: list[tuple[tuple[int, int], bool]] = []
+    run = engine.run
+
+    def recorded(ids: np.ndarray, mask: np.ndarray, solo: bool = False) -> np.ndarray:
+        calls.append((ids.shape, solo))
+        return run(ids, mask, solo)
+
+    engine.run = recorded  # type: ignore[method-assign]
+    shapes = warmup_shapes(16, 64, 8)
+    warmup(engine, shapes)
+    assert calls == [(shape, solo) for shape in shapes for solo in (False, True)]
+    alone = OnnxEngine.load(model_dir, device="cpu", workers=1)
+    assert not alone.solo_session  # one session: warmed once
+
+
 def test_cpu_split_shares_the_cores() -> None:
     from service.engine import cpu_split
 
