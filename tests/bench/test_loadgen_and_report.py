@@ -11,8 +11,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from bench.load import one_client_turn
-from bench.loadgen import batch_file, free_port, run_level
+from bench.load import one_client_interval, one_client_turn
+from bench.loadgen import LevelResult, batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
 
 
@@ -158,3 +158,17 @@ def test_one_client_turn_alternates_the_servers_block_by_block() -> None:
     for result, stats, cpu in got.values():  # one merged result per server
         assert result.clients == 1 and result.ok == len(texts) == len(result.latencies)
         assert result.seconds > 0 and stats == {} and cpu >= 0
+
+
+def test_one_client_interval_pairs_each_text_across_the_servers() -> None:
+    def turn(latencies: list[float]) -> LevelResult:
+        return LevelResult(1, seconds=sum(latencies), latencies=latencies, statuses={200: 8})
+
+    naive = [0.010, 0.020, 0.012, 0.030, 0.011, 0.025, 0.014, 0.018]
+    ours = [x + 0.001 for x in naive]  # every text 1 ms slower
+    got = one_client_interval([turn(ours), turn(ours)], [turn(naive), turn(naive)], block=2)
+    assert got is not None
+    low, high, diff = got
+    assert abs(diff - 1.0) < 1e-9 and 1.0 < low <= high
+    # A turn that lost an answer cannot be paired text by text.
+    assert one_client_interval([turn(ours[:-1])], [turn(naive)], block=2) is None
