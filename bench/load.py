@@ -50,6 +50,7 @@ from bench.load_offline import OfflineResult, offline_schedules
 TRUNCATE = {"long_document": "truncate"}
 SERVICE, FORCED_ON, NAIVE = "service (defaults)", "service, --batching on", "naive server"
 OURS = (SERVICE, FORCED_ON)
+MIN_BLOCKS = 8  # fewer blocks than this give no bootstrap interval worth printing
 STATS = ["windows_per_run", "engine_run_ms", "queue_wait_ms"]
 HEADERS = [
     "server",
@@ -196,7 +197,8 @@ def one_client_interval(
 ) -> tuple[float, float, float] | None:
     """From the interleaved one-client turns, where every text went to both servers: the 95%
     bootstrap interval of the ratio of p50s (whole blocks resampled, as `bench.paired` does)
-    and the median per-text difference in ms; None where a turn lost an answer."""
+    and the median per-text difference in ms; None where a turn lost an answer. Under
+    MIN_BLOCKS blocks there are too few to resample: the interval is NaN."""
     from bench.paired import bootstrap_ratio
 
     rows: list[tuple[int, int, float, float]] = []
@@ -206,8 +208,11 @@ def one_client_interval(
         blocks = -(-len(a.latencies) // block)
         for i, (s, n) in enumerate(zip(a.latencies, b.latencies, strict=True)):
             rows.append((turn * blocks + i // block, 0, s, n))
+    diff = 1000 * statistics.median(s - n for _, _, s, n in rows)
+    if len({index for index, _, _, _ in rows}) < MIN_BLOCKS:
+        return float("nan"), float("nan"), diff
     low, high = bootstrap_ratio(rows)
-    return low, high, 1000 * statistics.median(s - n for _, _, s, n in rows)
+    return low, high, diff
 
 
 def batch_job_part(
@@ -426,6 +431,9 @@ def report(
             + (
                 f" (the turns pooled: 95% interval over blocks {interval[0]:.2f} to "
                 f"{interval[1]:.2f}, median per-email difference {interval[2]:+.2f} ms)"
+                if interval and interval[0] == interval[0]
+                else f" (the turns pooled: median per-email difference {interval[2]:+.2f} ms; "
+                f"too few blocks for an interval)"
                 if interval
                 else ""
             ),

@@ -169,6 +169,10 @@ def test_one_client_interval_pairs_each_text_across_the_servers() -> None:
     got = one_client_interval([turn(ours), turn(ours)], [turn(naive), turn(naive)], block=2)
     assert got is not None
     low, high, diff = got
-    assert abs(diff - 1.0) < 1e-9 and 1.0 < low <= high
+    assert abs(diff - 1.0) < 1e-9 and 1.0 < low <= high  # 8 blocks: 4 a turn
+    # Fewer blocks than that: the difference, but no interval.
+    few = one_client_interval([turn(ours)], [turn(naive)], block=4)
+    assert few is not None and few[0] != few[0] and few[1] != few[1]
+    assert abs(few[2] - 1.0) < 1e-9
     # A turn that lost an answer cannot be paired text by text.
     assert one_client_interval([turn(ours[:-1])], [turn(naive)], block=2) is None
