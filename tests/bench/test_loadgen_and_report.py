@@ -11,7 +11,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from bench.load import one_client_interval, one_client_turn
+from bench.load import NAIVE, SERVICE, one_client_interval, one_client_turn, report, side_by_side
+from bench.load_offline import OfflineResult
 from bench.loadgen import LevelResult, batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
 
@@ -176,3 +177,67 @@ def test_one_client_interval_pairs_each_text_across_the_servers() -> None:
     assert abs(few[2] - 1.0) < 1e-9
     # A turn that lost an answer cannot be paired text by text.
     assert one_client_interval([turn(ours[:-1])], [turn(naive)], block=2) is None
+
+
+def test_side_by_side_measures_the_offline_ceiling_after_every_turn() -> None:
+    log: list[tuple[str, str]] = []
+    servers = {"a": _Served("a", log), "b": _Served("b", log)}
+    texts = [f"text {i}" for i in range(4)]
+    measures: dict[int, list[list[OfflineResult]]] = {}
+
+    def offline() -> list[OfflineResult]:
+        log.append(("offline", ""))
+        return [OfflineResult("one per run (2 threads)", 10.0 + len(log), 1.0)]
+
+    try:
+        rows = side_by_side(
+            servers,  # type: ignore[arg-type]
+            texts, [1, 3], 2, 1.0, block=2, offline=offline, offline_turns=measures,
+        )  # fmt: skip
+    finally:
+        for s in servers.values():
+            s.stop()
+    assert [(r[0], r[1]) for r in rows] == [("a", 1), ("b", 1), ("a", 3), ("b", 3)]
+    assert {c: len(m) for c, m in measures.items()} == {1: 2, 3: 2}  # one per turn and level
+    # After the warm-up (8 clients, 4 texts each), every turn sends each server every text and
+    # then measures the offline engine, before the next turn begins.
+    turns = log[8:]
+    for turn in range(4):
+        chunk = turns[turn * 9 : (turn + 1) * 9]
+        assert chunk[-1] == ("offline", "")
+        assert sorted(chunk[:-1]) == sorted((n, t) for n in "ab" for t in texts)
+
+
+def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bench.common import machine
+
+    def row(name: str, clients: int, docs_per_s: float) -> list[object]:
+        return [name, clients, docs_per_s, 10.0, 20.0, 30.0, 100, 0, 0, 15.0, 1.0]
+
+    rows = [row(SERVICE, 1, 40.0), row(NAIVE, 1, 41.0), row(SERVICE, 32, 90.0)]
+    rows.append(row(NAIVE, 32, 80.0))
+    start = [
+        OfflineResult("length-sorted batches (2 threads)", 95.0, 20.0),
+        OfflineResult("one per run (2 threads)", 120.0, 16.0),
+        OfflineResult("one per core (2 runs at once, 1 thread each)", 200.0, 12.0),
+    ]
+    # Measured again beside the 32-client turns, the machine had slowed down.
+    slower = [OfflineResult(o.name, o.docs_per_s * 0.8, o.cpu_ms_per_doc) for o in start]
+    args = SimpleNamespace(
+        precision="int8", threads=2, block=50, model_dir=tmp_path / "m", interactive_clients=4,
+        interactive_requests=10, service_flag=[], quick=False,
+    )  # fmt: skip
+    report(
+        args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None, {32: slower}
+    )
+    text = (tmp_path / "load.md").read_text()
+    assert (
+        "best offline schedule in the same turns (one per run (2 threads), 96.0 docs/s) | 0.94 | met"
+        in text
+    )
+    assert "| one per run (2 threads) | 120 | 16.0 | 96.0 |" in text
+    report(args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None)
+    text = (tmp_path / "load.md").read_text()  # without them, the ceiling measured first
+    assert "best offline schedule (one per run (2 threads), 120.0 docs/s) | 0.75 | missed" in text

@@ -47,3 +47,36 @@ def test_naive_server_decides_like_the_offline_engine(tiny_artifact: Path) -> No
     assert [r["flagged"] for r in got] == list(np.asarray(flagged))
     assert [r["tokens"] for r in got] == [len(ids) for ids in full]
     assert [r["truncated"] for r in got] == [len(ids) > cfg["n_max"] for ids in full]
+
+
+@pytest.mark.slow
+def test_offline_reference_measures_its_schedules_again_on_the_same_sessions(
+    tiny_artifact: Path,
+) -> None:
+    from bench.load_offline import OfflineReference, median_results
+
+    cfg = json.loads((tiny_artifact / "config.json").read_text())
+    texts = ["win a free prize, click now", "the meeting agenda for monday " * 40, "hello"]
+    seqs = [ids[: cfg["n_max"]] for ids in encode(tiny_artifact, texts)]
+    reference = OfflineReference(tiny_artifact, "fp32", 1, seqs)
+    runs: list[tuple[int, int]] = []
+    real = reference._engine.run
+    reference._engine.run = lambda ids, mask, solo=False: (runs.append(ids.shape), real(ids, mask))[
+        1
+    ]  # type: ignore[method-assign]
+    try:
+        first = reference.measure()
+        assert len(runs) == 2 * len(texts)  # one per core: a warm pass, then the measured one
+        again = [reference.measure() for _ in range(2)]
+    finally:
+        reference.close()
+    assert len(runs) == 4 * len(texts)  # measured again without warming again
+    assert sorted(runs) == sorted([(1, len(s)) for s in seqs] * 4)  # one document per run
+    names = [o.name for o in first]
+    assert names[:2] == ["length-sorted batches (1 threads)", "one per run (1 threads)"]
+    assert names[2].startswith("one per core (") and names[2].endswith(", 1 thread each)")
+    assert all(o.docs_per_s > 0 and o.cpu_ms_per_doc >= 0 for o in first + again[0])
+    medians = median_results([first, *again])
+    for i, m in enumerate(medians):
+        rates = sorted(r[i].docs_per_s for r in [first, *again])
+        assert m.name == names[i] and m.docs_per_s == rates[1]
