@@ -100,17 +100,6 @@ class OfflineReference:
         self._engine.close()
 
 
-def offline_schedules(
-    model_dir: Path, precision: str, threads: int, seqs: Sequence[Sequence[int]], passes: int
-) -> list[OfflineResult]:
-    """The three schedules over `seqs`, measured once."""
-    reference = OfflineReference(model_dir, precision, threads, seqs)
-    try:
-        return reference.measure(passes)
-    finally:
-        reference.close()
-
-
 def median_results(measures: Sequence[Sequence[OfflineResult]]) -> list[OfflineResult]:
     """Per schedule, the median docs/s and CPU per document over several measures."""
     return [
