@@ -158,7 +158,9 @@ def create_app(
     # Keys are checked before any route reads the body: no key, 401, whatever the body is.
     app.add_middleware(ApiKeyMiddleware, settings=settings, metrics=metrics)
     app.add_middleware(InflightMiddleware, state=state)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, access_log_sample=settings.access_log_sample
+    )
     install_error_handlers(app)
     for module in (ops, classify, moderations, models, playground):
         app.include_router(module.router)

@@ -179,6 +179,13 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     log_format: Literal["json", "text"] = Field("json", description="log line format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    access_log_sample: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="the share of answered requests below status 400 that get an access-log line "
+        "(evenly spaced; each such line carries sample_rate); errors always get one",
+    )
     database_url: str = Field(
         "sqlite:///linmod-jobs.db", description="SQLAlchemy URL for batch-job state"
     )
