@@ -379,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 servers, texts, args.clients, args.repeats, engine_cpu_ms, args.block, paired,
                 offline_again, offline_turns,
             )  # fmt: skip
-            reference.close()
             policy = loadgen.batching_policy(servers[SERVICE].url)
             job_rows, job_note = batch_job_part(servers[SERVICE], texts, args, engine_cpu_ms)
             print(job_note, flush=True)
         finally:
+            reference.close()
             for server in servers.values():
                 server.stop()
         more, notes = peer_rows(args, texts, tmp, engine_cpu_ms)
@@ -432,7 +432,7 @@ def report(
     ours = [r for r in rows if r[0] == SERVICE]
     best = max(ours, key=lambda r: r[2], default=nan_row)
     best_offline = best_of(by_level.get(32, offline))
-    best_at_best = best_of(next((v for c, v in by_level.items() if c == best[1]), offline))
+    best_at_best = best_of(by_level.get(int(best[1]), offline) if best is not nan_row else offline)
     ceiling_when = " in the same turns" if 32 in by_level else ""
     at32, naive32 = get.get((SERVICE, 32), nan_row), get.get((NAIVE, 32), nan_row)
     at1, naive1 = get.get((SERVICE, 1), nan_row), get.get((NAIVE, 1), nan_row)

@@ -108,7 +108,8 @@ class RequestContextMiddleware:
             self.metrics.http_duration.labels(template, method).observe(seconds)
             quiet = template in QUIET_ROUTES and status < 400
             level = logging.DEBUG if quiet else logging.INFO
-            if log.isEnabledFor(level) and (status >= 400 or quiet or self.sampler.take()):
+            sampled = status < 400 and not quiet  # errors and probes are never sampled away
+            if log.isEnabledFor(level) and (not sampled or self.sampler.take()):
                 extra = {
                     "request_id": rid,
                     "method": method,
@@ -117,7 +118,7 @@ class RequestContextMiddleware:
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),
                 }
-                if status < 400 and not quiet and self.sampler.rate < 1.0:
+                if sampled and self.sampler.rate < 1.0:
                     extra["sample_rate"] = self.sampler.rate
                 log.log(level, "request", extra=extra)
 
