@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import ALWAYS_OPEN
 from service.errors import error_body
+from service.protocol import OneWriteHttpToolsProtocol
 from service.settings import Settings
 from service.state import ServiceState, get_state
 
@@ -159,6 +160,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
         port=settings.port,
         log_config=None,  # uvicorn logs through ours
         access_log=False,  # the request middleware writes one structured line per request
+        http=OneWriteHttpToolsProtocol,  # one socket write per response (service/protocol.py)
         # What the drain left running (it waited drain_grace_s already) gets this long.
         timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s)),
     )
