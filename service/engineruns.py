@@ -210,7 +210,14 @@ class EngineRuns:
                 batch, ids, RuntimeError(f"engine returned logits of shape {logits.shape}")
             )
             return
+        deliver(batch, logits, seconds)
+        # The callers resume first (their tasks are queued now); the cost model and the run's
+        # metrics follow in the same turn of the loop, after their answers are written.
+        asyncio.get_running_loop().call_soon(self._account_run, batch, ids, mask, seconds)
+
+    def _account_run(
+        self, batch: list[QueuedWindow], ids: IntArray, mask: IntArray, seconds: float
+    ) -> None:
         self._run_seconds = 0.8 * self._run_seconds + 0.2 * seconds
         self.cost.observe(len(batch), int(ids.shape[1]), seconds)
         self._metrics.observe_batch(len(batch), int(mask.sum()), int(mask.size), seconds)
-        deliver(batch, logits, seconds)
