@@ -109,6 +109,8 @@ class QueuedWindow:
     index: int
     ids: IntArray
     enqueued: float
+    # Its place in the queue: when it came, less its predicted run time (`DynamicBatcher`).
+    order: float = 0.0
 
     @property
     def length(self) -> int:

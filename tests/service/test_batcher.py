@@ -427,3 +427,24 @@ async def test_shutdown_waits_for_a_run_started_at_once(
     result = await asyncio.wait_for(running, timeout=5)
     assert result.logits.shape == (1, 2)
     await asyncio.wait_for(closing, timeout=5)
+
+
+async def test_a_window_that_will_run_long_starts_ahead_of_those_just_before_it(
+    make: MakeBatcher, engine: ControlledEngine
+) -> None:
+    # The queue's order: arrival, less the window's predicted run time (here 4 ms a token).
+    batcher = await started(make(batching="off", max_wait_s=LONG))
+    batcher.cost.cost = lambda batch, length: batch * length * 0.004  # type: ignore[method-assign]
+    running = await plug(batcher, engine)
+    ahead = asyncio.create_task(batcher.submit([window(3, marker=2)]))  # handed to the thread
+    await settle()
+    short = asyncio.create_task(batcher.submit([window(3, marker=10)]))
+    await settle()
+    long = asyncio.create_task(batcher.submit([window(50, marker=11)]))  # 0.2 s ahead
+    await settle()
+    await asyncio.sleep(0.1)  # later than a 5-token window's 0.02 s ahead
+    medium = asyncio.create_task(batcher.submit([window(5, marker=12)]))
+    await settle()
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, ahead, short, long, medium), timeout=5)
+    assert markers(engine) == [[2], [11], [10], [12]]
