@@ -6,7 +6,7 @@ admitted all or none, and gets their logits [len(windows), num_labels] in order:
     result = await batcher.submit(windows, priority=Priority.BATCH, deadline=loop.time() + 600,
                                   wait_for_room=True)
 
-Within a priority, windows wait in the order their requests came, less each window's predicted
+Within a priority, windows wait in the order they were queued, less each window's predicted
 run time (the cost model's): a window that will run long starts up to that long ahead of
 windows that came just before it, so that its run overlaps their wait instead of adding to the
 tail. Under 32 clients this keeps p99 nearer p50 (bench/ANALYSIS.md); a lone window, or a queue
