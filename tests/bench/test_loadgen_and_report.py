@@ -15,6 +15,7 @@ from bench.load import NAIVE, SERVICE, one_client_interval, one_client_turn, rep
 from bench.load_offline import OfflineResult
 from bench.loadgen import LevelResult, batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
+from tests.uvicorn_thread import uvicorn_in_thread
 
 
 async def test_run_level_counts_every_answer() -> None:
@@ -28,20 +29,8 @@ async def test_run_level_counts_every_answer() -> None:
         return JSONResponse({"ok": status == 200}, status_code=status)
 
     texts = ["a", "busy", "b", "bad", "c", "busy"]
-    port = free_port()  # a real server: the load generator speaks HTTP over TCP
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        result = await run_level(
-            f"http://127.0.0.1:{port}", texts, 3, extra={"long_document": "truncate"}
-        )
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with uvicorn_in_thread(app) as url:  # a real server: the load generator speaks HTTP over TCP
+        result = await run_level(url, texts, 3, extra={"long_document": "truncate"})
     assert (result.ok, result.throttled, result.errors) == (3, 2, 1)
     assert len(result.latencies) == 3 and result.seconds > 0
     assert sorted(str(b["input"]) for b in seen) == sorted(texts)  # each text sent once

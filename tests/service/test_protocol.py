@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
-from service_testing import free_port
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.protocol import CoalescingTransport, OneWriteHttpToolsProtocol
+from tests.uvicorn_thread import uvicorn_in_thread
 
 HEADERS = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -126,20 +123,9 @@ def socket_writes(protocol: type[HttpToolsProtocol], requests: int) -> list[byte
     async def echo(body: dict[str, str]) -> dict[str, str]:
         return body
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, http=Recorded, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-            for i in range(requests):
-                assert client.post("/echo", json={"n": str(i)}).json() == {"n": str(i)}
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with uvicorn_in_thread(app, http=Recorded) as url, httpx.Client(base_url=url) as client:
+        for i in range(requests):
+            assert client.post("/echo", json={"n": str(i)}).json() == {"n": str(i)}
     return writes
 
 
