@@ -163,15 +163,13 @@ class DynamicBatcher(EngineRuns):
                 self._live.add(request)
                 request.future.add_done_callback(lambda _: self._live.discard(request))
                 now = loop.time()
-                items = [
-                    QueuedWindow(request, i, w, now, now - self.cost.cost(1, int(w.size)))
-                    for i, w in enumerate(windows)
-                ]
+                items = [QueuedWindow(request, i, w, now) for i, w in enumerate(windows)]
                 if self._runs_at_once(items):
                     self._run_now(loop, items)
                 else:
                     pending = self._pending[priority]
-                    for item in items:
+                    for item in items:  # a window run at once needs no place, nor a prediction
+                        item.order = now - self.cost.cost(1, item.length)
                         bisect.insort(pending, item, key=_queue_order)
                     self._account(priority, sum(i.length for i in items))
                     self._wakeup.set()
