@@ -20,6 +20,7 @@ from service.costmodel import BatchingPolicy, CostModel
 from service.engine import Engine
 from service.metrics import Metrics
 from service.queueing import (
+    BatcherConfig,
     BatcherError,
     BatchFailedError,
     PendingRequest,
@@ -55,6 +56,8 @@ class EngineRuns:
     _direct: set[asyncio.Future[None]]  # runs started by `submit` itself
     _closing: bool
     _run_seconds: float
+    incoming: int
+    config: BatcherConfig
     cost: CostModel
     policy: BatchingPolicy
 
@@ -173,6 +176,35 @@ class EngineRuns:
             and self._ready.empty()
             and not any(self._pending.values())
         )
+
+    def _runs_inline(self, items: list[QueuedWindow]) -> bool:
+        """Run at once, no engine thread busy and nothing being tokenized, and short by the
+        cost grid: cheaper on the loop's own thread than the two thread hops."""
+        limit = self.config.inline_run_s
+        return (
+            limit > 0
+            and self._idle == self._workers
+            and self.incoming == 0
+            and bool(self.cost.points)
+            and self.cost.cost(1, items[0].length) <= limit
+        )
+
+    def _run_inline(self, batch: list[QueuedWindow]) -> None:
+        """Run `batch` on the event loop's thread and deliver its results before returning.
+        The loop waits for the run (ONNX Runtime releases the GIL, so other threads go on), which
+        `_runs_inline` bounds by the predicted run time; on an idle server nothing else is
+        waiting for it, and a lone request skips the hop to an engine thread and back."""
+        self._metrics.queue_wait.labels(batch[0].request.priority.label).observe(0.0)
+        self._idle -= 1
+        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
+        logits: FloatArray | None = None
+        error: Exception | None = None
+        start = time.perf_counter()
+        try:
+            logits = self._engine.run(ids, mask, True)
+        except Exception as exc:
+            error = exc
+        self._ran(batch, batch, ids, mask, logits, error, time.perf_counter() - start, None)
 
     def _run_now(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
         """Hand `batch` to a free engine thread from the caller's own task: no forming-task

@@ -171,6 +171,7 @@ class ModelRegistry:
             min_batch_fill=s.min_batch_fill,
             max_job_batch_tokens=s.max_job_batch_tokens,
             batching=s.batching,
+            inline_run_s=s.inline_run_ms / 1000,
         )
         model_id = self._model_id(config, directory)
         batcher = DynamicBatcher(engine, self.metrics, batching)

@@ -42,6 +42,9 @@ class BatcherConfig:
     max_job_batch_tokens: int = 4096
     # auto: measure the engine at warm-up and batch only where batching pays; on; off.
     batching: BatchingMode = "auto"
+    # On an idle server, a lone window predicted to run within this long runs on the event
+    # loop's own thread: no hop to an engine thread and back. 0: never.
+    inline_run_s: float = 0.02
 
 
 @dataclass(frozen=True)

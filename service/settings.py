@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         description="on an idle server, requests of at most this many characters are tokenized "
         "on the event loop (quicker than the thread hops); others in the tokenizer threads",
     )
+    inline_run_ms: float = Field(
+        20.0,
+        ge=0,
+        description="on an idle server, a lone window predicted to run within this many ms runs "
+        "on the event loop (quicker than the thread hops; the loop waits for it); 0: never",
+    )
     warmup: bool = Field(True, description="run representative shapes before /ready turns 200")
 
     # Batching

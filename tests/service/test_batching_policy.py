@@ -5,6 +5,7 @@ at once)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from service_testing import ControlledEngine
 
 from service.artifact import ArtifactConfig, FloatArray, IntArray
-from service.batcher import BatcherConfig, DynamicBatcher
+from service.batcher import BatcherConfig, BatchFailedError, DynamicBatcher
 from service.costmodel import CostModel, grid_batches, grid_lengths
 from service.metrics import Metrics
 
@@ -99,9 +100,11 @@ class SoloEngine(ControlledEngine):
         super().__init__(config)
         self.workers = workers
         self.solo: list[bool] = []
+        self.threads: list[str] = []
 
     def run(self, input_ids: IntArray, attention_mask: IntArray, solo: bool = False) -> FloatArray:
         self.solo.append(solo)
+        self.threads.append(threading.current_thread().name)
         logits: FloatArray = super().run(input_ids, attention_mask, solo)
         return logits
 
@@ -170,6 +173,61 @@ async def test_several_runs_at_once(model_config: ArtifactConfig) -> None:
         assert sorted(engine.runs) == [(1, 4), (1, 5)]
     finally:
         engine.gate.set()
+        await batcher.close(timeout=5)
+
+
+async def test_an_idle_server_runs_a_short_lone_window_on_the_event_loops_thread(
+    model_config: ArtifactConfig,
+) -> None:
+    engine = SoloEngine(model_config, workers=2)
+    batcher = await batcher_for(engine, "off", max_wait_s=LONG, inline_run_s=0.003)
+    batcher.cost = CostModel(points={(1, 32): 0.001, (1, 64): 0.004})  # as if calibrated
+    loop_thread = threading.current_thread().name
+    try:
+        # Idle, and predicted within the bound: run here, the answer ready when submit returns.
+        short = await asyncio.wait_for(batcher.submit([window(8, 1)]), timeout=5)
+        assert engine.threads == [loop_thread] and engine.solo == [True]
+        assert short.logits.shape == (1, len(model_config.labels))
+        # Predicted over the bound (4 ms at 64 tokens): an engine thread runs it.
+        await asyncio.wait_for(batcher.submit([window(64, 2)]), timeout=5)
+        assert engine.threads[1].startswith("linmod-engine-")
+        # A run in flight: the loop stays free, and the short window goes to the other thread.
+        engine.gate.clear()
+        held = asyncio.create_task(batcher.submit([window(64, 3)]))
+        assert await asyncio.to_thread(engine.entered.acquire, timeout=5)
+        engine.entered.release()  # (the first two runs' releases are still counted)
+        beside = asyncio.create_task(batcher.submit([window(8, 4)]))
+        for _ in range(4):
+            await asyncio.sleep(0)
+        assert not beside.done()  # not run on this thread: it waits at the gate like the other
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(held, beside), timeout=5)
+        assert all(t.startswith("linmod-engine-") for t in engine.threads[2:])
+        # A request on its way to the queue: no run on the loop either.
+        batcher.note_incoming(1)
+        await asyncio.wait_for(batcher.submit([window(8, 5)]), timeout=5)
+        batcher.note_incoming(-1)
+        assert engine.threads[4].startswith("linmod-engine-")
+    finally:
+        engine.gate.set()
+        await batcher.close(timeout=5)
+
+
+async def test_a_failed_run_on_the_loop_fails_its_request_and_the_next_one_runs(
+    model_config: ArtifactConfig,
+) -> None:
+    engine = SoloEngine(model_config)
+    engine.fail_if = lambda ids: int(ids[0, 0]) == 66
+    batcher = await batcher_for(engine, "off", max_wait_s=LONG)
+    batcher.cost = CostModel(points={(1, 32): 0.001})
+    try:
+        with pytest.raises(BatchFailedError, match="boom"):
+            await asyncio.wait_for(batcher.submit([window(8, 66)]), timeout=5)
+        result = await asyncio.wait_for(batcher.submit([window(8, 1)]), timeout=5)
+        assert result.logits.shape == (1, len(model_config.labels))
+        assert engine.threads == [threading.current_thread().name] * 2
+        assert batcher.idle()  # the failed run gave its engine slot back
+    finally:
         await batcher.close(timeout=5)
 
 
