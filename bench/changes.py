@@ -2,7 +2,9 @@
 what each change to the request path did. Each revision is checked out into a temporary work
 tree and served from there with this environment's packages; the naive server runs beside them.
 Revisions and the naive server take turns level by level, `--repeats` times; figures are the
-medians of the turns.
+medians of the turns. At one client they take turns every `--block` emails within a turn, as
+`bench.load` does, and each revision's row gives its median per-email difference from the naive
+server: one client's p50 moves by more between turns than most changes to the request path.
 
     python -m bench.changes REV[=label] ... [--clients 1 32] [--docs 300] [--repeats 3]
 """
@@ -33,9 +35,13 @@ from bench.common import (
     write_csv,
     write_fragment,
 )
+from bench.load import one_client_turn
 
 TRUNCATE = {"long_document": "truncate"}
-HEADERS = ["server", "clients", "docs_per_s", "p50_ms", "p99_ms", "cpu_ms_per_doc", "turns"]
+HEADERS = [
+    "server", "clients", "docs_per_s", "p50_ms", "p99_ms", "cpu_ms_per_doc", "turns",
+    "ms_per_email_vs_naive",
+]  # fmt: skip
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -61,6 +67,20 @@ def serve(tree: Path, model_dir: Path, tmp: Path, name: str) -> loadgen.ServerPr
     )
 
 
+def per_email_difference(
+    ours: list[tuple[loadgen.LevelResult, float]], naive: list[tuple[loadgen.LevelResult, float]]
+) -> float | str:
+    """Median over every email of every turn of (this server's latency - the naive server's),
+    in ms: each email went to both in the same block, so the machine's drift cancels."""
+    diffs = [
+        1000 * (a - b)
+        for (x, _), (y, _) in zip(ours, naive, strict=True)
+        if len(x.latencies) == len(y.latencies)
+        for a, b in zip(x.latencies, y.latencies, strict=True)
+    ]
+    return round(statistics.median(diffs), 3) if diffs else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = base_parser("python -m bench.changes", __doc__ or "")
@@ -68,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 32])
     p.add_argument("--docs", type=int, default=300)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--block", type=int, default=50,
+        help="at one client, the servers take turns every BLOCK emails within a turn (0: whole "
+        "levels), and each row gives its median per-email difference from the naive server",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.block < 0:
+        p.error("--block must be 0 or more")
     started, out = machine(), out_dir(args)
     examples = load_test_split(args.data, args.docs)
     texts = [e.text for e in examples]
@@ -95,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(loadgen.run_level(server.url, texts[:32], 8, extra=TRUNCATE))
             for c in args.clients:
                 turns: dict[str, list[tuple[Any, float]]] = {n: [] for n in servers}
-                for _ in range(args.repeats):
+                for turn in range(args.repeats):
+                    if c == 1 and args.block:
+                        got_turn = one_client_turn(servers, texts, args.block, turn)
+                        for name, (r, _, cpu) in got_turn.items():
+                            turns[name].append((r, cpu))
+                        continue
                     for name, server in servers.items():
                         cpu0 = server.cpu_s()
                         r = asyncio.run(loadgen.run_level(server.url, texts, c, extra=TRUNCATE))
@@ -106,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         name, c, med(r.throughput for r, _ in got), med(r.ms(50) for r, _ in got),
                         med(r.ms(99) for r, _ in got),
                         med(1000 * cpu / r.ok for r, cpu in got if r.ok), len(got),
+                        per_email_difference(got, turns["naive server"])
+                        if c == 1 and args.block and name != "naive server"
+                        else "",
                     ])  # fmt: skip
                     print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
         finally:
@@ -126,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     body = markdown_table(HEADERS, rows) + (
         "\n\nEach revision's service runs with its own defaults; `cpu_ms_per_doc` is the "
         "server's process tree (from /proc) over the documents answered."
+        + (
+            f" At one client the servers take turns every {args.block} emails within each "
+            "turn, and `ms_per_email_vs_naive` is the median over the emails of each one's "
+            "latency less the naive server's for the same email."
+            if args.block and 1 in args.clients
+            else ""
+        )
     )
     write_fragment(
         out, "changes", "Before and after: the request path, change by change",

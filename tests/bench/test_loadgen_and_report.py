@@ -230,3 +230,17 @@ def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) ->
     report(args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None)
     text = (tmp_path / "load.md").read_text()  # without them, the ceiling measured first
     assert "best offline schedule (one per run (2 threads), 120.0 docs/s) | 0.75 | missed" in text
+
+
+def test_changes_pairs_each_email_with_the_naive_servers_answer() -> None:
+    from bench.changes import per_email_difference
+
+    def turn(latencies: list[float]) -> tuple[LevelResult, float]:
+        return LevelResult(1, seconds=1.0, latencies=latencies, statuses={200: 4}), 0.5
+
+    naive = [0.010, 0.040, 0.012, 0.030]
+    ours = [0.009, 0.039, 0.011, 0.035]  # three emails 1 ms quicker, one 5 ms slower
+    assert per_email_difference([turn(ours)], [turn(naive)]) == -1.0
+    # A turn that lost an answer is left out; none left: no figure.
+    assert per_email_difference([turn(ours[:3]), turn(ours)], [turn(naive)] * 2) == -1.0
+    assert per_email_difference([turn(ours[:3])], [turn(naive)]) == ""
