@@ -164,10 +164,11 @@ class DynamicBatcher(EngineRuns):
                 request.future.add_done_callback(lambda _: self._live.discard(request))
                 now = loop.time()
                 items = [QueuedWindow(request, i, w, now) for i, w in enumerate(windows)]
-                if self._runs_at_once(items) and self._runs_inline(items):
-                    self._run_inline(items)
-                elif self._runs_at_once(items):
-                    self._run_now(loop, items)
+                if self._runs_at_once(items):
+                    if self._runs_inline(items):
+                        self._run_inline(items)
+                    else:
+                        self._run_now(loop, items)
                 else:
                     pending = self._pending[priority]
                     for item in items:  # a window run at once needs no place, nor a prediction

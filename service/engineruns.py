@@ -34,6 +34,9 @@ log = logging.getLogger("service.batcher")
 # What an engine thread takes: a formed batch and, for a run `submit` started itself, the future
 # that says it has ended; None tells the thread to stop.
 Handoff = tuple[list[QueuedWindow], "asyncio.Future[None] | None"] | None
+# What a run gives back: its input ids and mask (None when nothing ran), logits or the error
+# it raised, and its seconds.
+Outcome = tuple[IntArray | None, IntArray | None, FloatArray | None, Exception | None, float]
 
 
 def _set_done(future: asyncio.Future[None]) -> None:
@@ -115,23 +118,29 @@ class EngineRuns:
                     post(self._nudge)
                 # A window whose caller has gone is skipped (a stale read only runs it anyway).
                 live = [item for item in batch if not item.request.done]
-                ids = mask = logits = None
-                error: Exception | None = None
-                seconds = 0.0
+                ran: Outcome
                 if live:
-                    ids, mask = pad_batch([item.ids for item in live], self._engine.config.pad_id)
                     # Alone (no other run, nothing queued), a run may take every core.
                     solo = self._idle == self._workers - 1 and not any(self._pending.values())
-                    start = time.perf_counter()
-                    try:
-                        logits = self._engine.run(ids, mask, solo)
-                    except Exception as exc:
-                        error = exc
-                    seconds = time.perf_counter() - start
-                if not post(self._ran, batch, live, ids, mask, logits, error, seconds, direct):
+                    ran = self._execute(live, solo)
+                else:
+                    ran = (None, None, None, None, 0.0)
+                if not post(self._ran, batch, live, *ran, direct):
                     return
         finally:
             post(_set_done, stopped)
+
+    def _execute(self, batch: list[QueuedWindow], solo: bool) -> Outcome:
+        """One engine run of `batch` (blocking): its inputs, logits or error, and seconds."""
+        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
+        logits: FloatArray | None = None
+        error: Exception | None = None
+        start = time.perf_counter()
+        try:
+            logits = self._engine.run(ids, mask, solo)
+        except Exception as exc:
+            error = exc
+        return ids, mask, logits, error, time.perf_counter() - start
 
     def _ran(
         self,
@@ -196,15 +205,7 @@ class EngineRuns:
         waiting for it, and a lone request skips the hop to an engine thread and back."""
         self._metrics.queue_wait.labels(batch[0].request.priority.label).observe(0.0)
         self._idle -= 1
-        ids, mask = pad_batch([item.ids for item in batch], self._engine.config.pad_id)
-        logits: FloatArray | None = None
-        error: Exception | None = None
-        start = time.perf_counter()
-        try:
-            logits = self._engine.run(ids, mask, True)
-        except Exception as exc:
-            error = exc
-        self._ran(batch, batch, ids, mask, logits, error, time.perf_counter() - start, None)
+        self._ran(batch, batch, *self._execute(batch, solo=True), None)
 
     def _run_now(self, loop: asyncio.AbstractEventLoop, batch: list[QueuedWindow]) -> None:
         """Hand `batch` to a free engine thread from the caller's own task: no forming-task
