@@ -5,18 +5,41 @@ tokenized documents, in three schedules, with its docs/s and CPU time per docume
 - one document per run (what the naive server runs, one request at a time);
 - one document per run on every core at once (the service's CPU engine: one single-threaded run
   per core), shown beside the other two.
+
+Run alone, it measures the three schedules pass after pass on an otherwise idle machine: how far
+the host's own speed drifts, and so how far apart two turns of a server benchmark can land
+for no reason of their own.
+
+    python -m bench.load_offline [--model-dir DIR] [--docs 400] [--passes 10] [--pause 0.5]
 """
 
 from __future__ import annotations
 
+import os
+import random
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from bench.common import (
+    base_parser,
+    command_line,
+    encode,
+    load_test_split,
+    machine,
+    markdown_table,
+    out_dir,
+    read_config,
+    versions,
+    write_csv,
+    write_fragment,
+)
 from bench.runners import batches, ort_runner
 from service.artifact import pad_batch
 
@@ -110,3 +133,74 @@ def median_results(measures: Sequence[Sequence[OfflineResult]]) -> list[OfflineR
         )
         for group in zip(*measures, strict=True)
     ]
+
+
+HEADERS = ["pass", "schedule", "docs_per_s", "cpu_ms_per_doc"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = base_parser("python -m bench.load_offline", __doc__ or "")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="int8")
+    p.add_argument("--docs", type=int, help="test emails (default 100 quick, 400)")
+    p.add_argument("--passes", type=int, help="passes of each schedule (default 3 quick, 10)")
+    p.add_argument("--pause", type=float, default=0.5, help="seconds between passes")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    docs = args.docs if args.docs is not None else (100 if args.quick else 400)
+    passes = args.passes if args.passes is not None else (3 if args.quick else 10)
+    if docs < 1 or passes < 1 or args.pause < 0:
+        p.error("--docs and --passes must be 1 or more, --pause 0 or more")
+    started, out = machine(), out_dir(args)
+    n_max = int(read_config(args.model_dir)["n_max"])
+
+    # The same emails, order and cut as bench.load's reference.
+    examples = load_test_split(args.data, docs)
+    seqs = [ids[:n_max] for ids in encode(args.model_dir, [e.text for e in examples]) if ids]
+    random.Random(0).shuffle(seqs)
+    reference = OfflineReference(args.model_dir, args.precision, args.threads, seqs)
+    rows: list[list[Any]] = []
+    try:
+        for i in range(1, passes + 1):
+            for o in reference.measure():
+                rows.append([i, o.name, o.docs_per_s, o.cpu_ms_per_doc])
+                print(f"pass {i:3d}  {o.name:48s} {o.docs_per_s:7.1f} docs/s  "
+                      f"{o.cpu_ms_per_doc:5.1f} ms CPU/doc", flush=True)  # fmt: skip
+            time.sleep(args.pause)
+    finally:
+        reference.close()
+
+    summary = []
+    for name, _ in reference.schedules:
+        rates = [r[2] for r in rows if r[1] == name]
+        summary.append(
+            [name, min(rates), statistics.median(rates), max(rates), max(rates) / min(rates)]
+        )
+    write_csv(out / "offline.csv", HEADERS, rows)
+    body = "\n\n".join(
+        [
+            f"Each schedule over the same {len(seqs)} tokenized emails, {passes} passes in turn "
+            f"with {args.pause:g} s between passes, nothing else running. The spread is the "
+            "fastest pass over the slowest.",
+            markdown_table(
+                ["schedule", "docs_per_s_min", "docs_per_s_median", "docs_per_s_max", "spread"],
+                summary,
+            ),
+            markdown_table(HEADERS, rows),
+        ]
+    )
+    path = write_fragment(
+        out, "offline", "The offline engine, pass after pass",
+        command_line("bench.load_offline", argv),
+        {
+            "Model": f"{args.model_dir.name}, precision {args.precision}",
+            "Software": versions("onnxruntime"),
+        },
+        body, args.quick, started,
+    )  # fmt: skip
+    print(f"wrote {path} and offline.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -80,3 +80,37 @@ def test_offline_reference_measures_its_schedules_again_on_the_same_sessions(
     for i, m in enumerate(medians):
         rates = sorted(r[i].docs_per_s for r in [first, *again])
         assert m.name == names[i] and m.docs_per_s == rates[1]
+
+
+@pytest.mark.slow
+def test_offline_steadiness_writes_every_pass_and_the_spread(
+    tiny_artifact: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from bench import load_offline
+
+    argv = ["--model-dir", str(tiny_artifact), "--data", str(tiny_data), "--precision", "fp32",
+            "--docs", "6", "--passes", "3", "--pause", "0", "--threads", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert load_offline.main(argv) == 0
+    with (tmp_path / "offline.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["pass"]) for r in rows] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert len({r["schedule"] for r in rows}) == 3
+    assert all(float(r["docs_per_s"]) > 0 for r in rows)
+    text = (tmp_path / "offline.md").read_text()
+    assert "python -m bench.load_offline" in text and "3 passes in turn" in text
+    for name in {r["schedule"] for r in rows}:
+        rates = [float(r["docs_per_s"]) for r in rows if r["schedule"] == name]
+        assert f"| {name} |" in text
+        assert max(rates) / min(rates) >= 1.0
+
+
+def test_offline_steadiness_rejects_a_pass_count_below_one(capsys: pytest.CaptureFixture) -> None:
+    from bench import load_offline
+
+    with pytest.raises(SystemExit) as stop:
+        load_offline.main(["--passes", "0"])
+    assert stop.value.code == 2
+    assert "--passes must be 1 or more" in capsys.readouterr().err
