@@ -196,12 +196,16 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 
 def load_test_split(data: Path, count: int = 0, seed: int = 0) -> list[Any]:
-    """Test-split examples: all of them (count 0), or a seeded sample kept in file order."""
+    """Test-split examples: all of them (count 0), or a seeded sample kept in file order; exits
+    with the reason where the split cannot be read."""
     import random
 
-    from model.data import read_split
+    from model.data import DataError, read_split
 
-    examples = read_split(data, "test")
+    try:
+        examples = read_split(data, "test")
+    except DataError as e:
+        raise SystemExit(f"--data {data}: {e}") from None
     if 0 < count < len(examples):
         keep = sorted(random.Random(seed).sample(range(len(examples)), count))
         examples = [examples[i] for i in keep]

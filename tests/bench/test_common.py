@@ -74,3 +74,12 @@ def test_command_line_quotes() -> None:
     assert command_line("bench.load", ["--model-dir", "a b"]) == (
         "python -m bench.load --model-dir 'a b'"
     )
+
+
+def test_a_missing_test_split_exits_with_the_reason(tmp_path: Path) -> None:
+    from bench.common import load_test_split
+
+    with pytest.raises(SystemExit) as stop:
+        load_test_split(tmp_path / "nowhere")
+    assert isinstance(stop.value.code, str)
+    assert "test.jsonl does not exist" in stop.value.code and "linmod-data" in stop.value.code
