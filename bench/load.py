@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -35,8 +34,6 @@ from bench.common import (
     base_parser,
     check_target,
     command_line,
-    encode,
-    load_test_split,
     machine,
     markdown_table,
     out_dir,
@@ -46,7 +43,12 @@ from bench.common import (
     write_csv,
     write_fragment,
 )
-from bench.load_offline import OfflineReference, OfflineResult, median_results
+from bench.load_offline import (
+    OfflineReference,
+    OfflineResult,
+    median_results,
+    reference_emails,
+)
 
 TRUNCATE = {"long_document": "truncate"}
 SERVICE, FORCED_ON, NAIVE = "service (defaults)", "service, --batching on", "naive server"
@@ -328,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     started, out = machine(), out_dir(args)
     cfg = read_config(args.model_dir)
 
-    examples = load_test_split(args.data, docs)
-    full = encode(args.model_dir, [e.text for e in examples])
-    pairs = [(e.text, ids[: cfg["n_max"]]) for e, ids in zip(examples, full, strict=True) if ids]
-    random.Random(0).shuffle(pairs)  # long and short emails mixed, the same order every run
-    texts, seqs = [t for t, _ in pairs], [s for _, s in pairs]
+    texts, seqs = reference_emails(args.model_dir, args.data, docs, cfg["n_max"])
 
     print(f"offline engine ({args.precision}) over {len(seqs)} emails ...", flush=True)
     reference = OfflineReference(args.model_dir, args.precision, args.threads, seqs)

@@ -70,6 +70,18 @@ def _timed(
     return OfflineResult(name, statistics.median(rates), statistics.median(cpus))
 
 
+def reference_emails(
+    model_dir: Path, data: Path, docs: int, n_max: int
+) -> tuple[list[str], list[list[int]]]:
+    """`docs` test emails and their token ids cut to n_max, shuffled once (seed 0) so that long
+    and short ones mix, in the same order every run; emails without tokens are left out."""
+    examples = load_test_split(data, docs)
+    full = encode(model_dir, [e.text for e in examples])
+    pairs = [(e.text, ids[:n_max]) for e, ids in zip(examples, full, strict=True) if ids]
+    random.Random(0).shuffle(pairs)
+    return [t for t, _ in pairs], [s for _, s in pairs]
+
+
 class OfflineReference:
     """The three schedules over `seqs` (token ids already cut to n_max), loaded once so that a
     benchmark can measure them again between its server turns: on a shared host the machine's
@@ -154,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     started, out = machine(), out_dir(args)
     n_max = int(read_config(args.model_dir)["n_max"])
 
-    # The same emails, order and cut as bench.load's reference.
-    examples = load_test_split(args.data, docs)
-    seqs = [ids[:n_max] for ids in encode(args.model_dir, [e.text for e in examples]) if ids]
-    random.Random(0).shuffle(seqs)
+    _, seqs = reference_emails(args.model_dir, args.data, docs, n_max)  # bench.load's
     reference = OfflineReference(args.model_dir, args.precision, args.threads, seqs)
     rows: list[list[Any]] = []
     try:
