@@ -11,7 +11,15 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from bench.load import NAIVE, SERVICE, one_client_interval, one_client_turn, report, side_by_side
+from bench.load import (
+    NAIVE,
+    SERVICE,
+    each_turn,
+    one_client_interval,
+    one_client_turn,
+    report,
+    side_by_side,
+)
 from bench.load_offline import OfflineResult
 from bench.loadgen import LevelResult, batch_file, free_port, run_level
 from bench.run_all import BENCHMARKS, assemble, parse, relink
@@ -173,6 +181,7 @@ def test_side_by_side_measures_the_offline_ceiling_after_every_turn() -> None:
     servers = {"a": _Served("a", log), "b": _Served("b", log)}
     texts = [f"text {i}" for i in range(4)]
     measures: dict[int, list[list[OfflineResult]]] = {}
+    each: dict[int, dict[str, list[LevelResult]]] = {}
 
     def offline() -> list[OfflineResult]:
         log.append(("offline", ""))
@@ -182,12 +191,20 @@ def test_side_by_side_measures_the_offline_ceiling_after_every_turn() -> None:
         rows = side_by_side(
             servers,  # type: ignore[arg-type]
             texts, [1, 3], 2, 1.0, block=2, offline=offline, offline_turns=measures,
+            level_turns=each,
         )  # fmt: skip
     finally:
         for s in servers.values():
             s.stop()
     assert [(r[0], r[1]) for r in rows] == [("a", 1), ("b", 1), ("a", 3), ("b", 3)]
     assert {c: len(m) for c, m in measures.items()} == {1: 2, 3: 2}  # one per turn and level
+    # Every turn's own result, by level and server: each sent every text once, 3 clients or 1.
+    assert {
+        c: {n: [(r.clients, r.ok) for r in t] for n, t in by.items()} for c, by in each.items()
+    } == {
+        1: {"a": [(1, 4), (1, 4)], "b": [(1, 4), (1, 4)]},
+        3: {"a": [(3, 4), (3, 4)], "b": [(3, 4), (3, 4)]},
+    }
     # After the warm-up (8 clients, 4 texts each), every turn sends each server every text and
     # then measures the offline engine, before the next turn begins.
     turns = log[8:]
@@ -195,6 +212,9 @@ def test_side_by_side_measures_the_offline_ceiling_after_every_turn() -> None:
         chunk = turns[turn * 9 : (turn + 1) * 9]
         assert chunk[-1] == ("offline", "")
         assert sorted(chunk[:-1]) == sorted((n, t) for n in "ab" for t in texts)
+    # At 3 clients (turns 3 and 4) the servers go a, b, then b, a: every other turn reversed.
+    assert [n for n, _ in turns[18:26:4]] == ["a", "b"]
+    assert [n for n, _ in turns[27:35:4]] == ["b", "a"]
 
 
 def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) -> None:
@@ -230,6 +250,63 @@ def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) ->
     report(args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None)
     text = (tmp_path / "load.md").read_text()  # without them, the ceiling measured first
     assert "best offline schedule (one per run (2 threads), 120.0 docs/s) | 0.75 | missed" in text
+
+
+def test_report_shows_each_turns_ratio_beside_the_medians(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bench.common import machine
+
+    def level(clients: int, seconds: float, latency_s: float) -> LevelResult:
+        return LevelResult(clients, seconds, [latency_s] * 100, {200: 100})
+
+    # Three turns at 32 clients: the service 1.25x, 1.00x and 1.11x the naive server's docs/s.
+    turns = {
+        32: {
+            SERVICE: [level(32, 0.8, 0.2), level(32, 1.0, 0.2), level(32, 0.9, 0.5)],
+            NAIVE: [level(32, 1.0, 0.5), level(32, 1.0, 0.5), level(32, 1.0, 0.5)],
+        },
+        1: {SERVICE: [level(1, 1.0, 0.009)], NAIVE: [level(1, 1.0, 0.010)]},
+    }
+    ceiling = [
+        [OfflineResult("one per run (2 threads)", 100.0, 10.0)],
+        [OfflineResult("one per run (2 threads)", 125.0, 10.0)],
+        # one per core is not the ceiling, however fast
+        [
+            OfflineResult("one per run (2 threads)", 120.0, 10.0),
+            OfflineResult("one per core (2 runs at once, 1 thread each)", 500.0, 10.0),
+        ],
+    ]
+    got = each_turn(turns, {32: ceiling})  # type: ignore[arg-type]
+    assert [round(r, 2) for r in got["throughput"]] == [1.25, 1.0, 1.11]
+    assert [round(r, 2) for r in got["p99"]] == [0.4, 0.4, 1.0]
+    assert [round(r, 3) for r in got["ceiling"]] == [1.25, 0.8, 0.926]
+    assert [round(r, 2) for r in got["one client"]] == [0.9]
+    assert each_turn({}, {}) == {"throughput": [], "p99": [], "ceiling": [], "one client": []}
+
+    def row(name: str, clients: int, docs_per_s: float) -> list[object]:
+        return [name, clients, docs_per_s, 10.0, 20.0, 30.0, 100, 0, 0, 15.0, 1.0]
+
+    rows = [row(SERVICE, 1, 40.0), row(NAIVE, 1, 41.0), row(SERVICE, 32, 111.0)]
+    rows.append(row(NAIVE, 32, 100.0))
+    start = [
+        OfflineResult("length-sorted batches (2 threads)", 95.0, 20.0),
+        OfflineResult("one per run (2 threads)", 120.0, 16.0),
+    ]
+    args = SimpleNamespace(
+        precision="int8", threads=2, block=50, model_dir=tmp_path / "m", interactive_clients=4,
+        interactive_requests=10, service_flag=[], quick=False,
+    )  # fmt: skip
+    report(args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None, None, got)
+    text = (tmp_path / "load.md").read_text()
+    assert (
+        "| docs/s >= 1.10x the naive server's at 32 clients | 1.11 | met | "
+        "1.25 1.00 1.11 (2 of 3 met) |" in text
+    )
+    assert "| p99 <= 0.5x the naive server's at 32 clients | 1.00 | missed by 100% | " in text
+    assert "0.40 0.40 1.00 (2 of 3 met) |" in text
+    assert "1.25 0.80 0.93 (2 of 3 met) |" in text
+    assert "(ours 1.0, the naive server's 1.0; their difference) | 0.00 | met | – |" in text
 
 
 def test_changes_pairs_each_email_with_the_naive_servers_answer() -> None:
