@@ -29,6 +29,7 @@ from service.evidence import (
 )
 from service.metrics import Metrics
 from service.settings import Aggregation, LongDocumentPolicy
+from service.threadnames import name_this_thread
 
 T = TypeVar("T")
 
@@ -88,7 +89,9 @@ class Classifier:
         self.evidence_segments = evidence_segments
         self.inline_chars = inline_tokenize_chars
         self._flags = config.flag_indices
-        self._executor = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="linmod-tokenize")
+        self._executor = ThreadPoolExecutor(
+            tokenizer_threads, thread_name_prefix="linmod-tokenize", initializer=name_this_thread
+        )
         # Several models share one gate: the tokenizer threads' budget is the process's.
         self.gate = gate if gate is not None else CharGate(max_tokenize_chars)
 

@@ -28,6 +28,7 @@ from service.queueing import (
     QueuedWindow,
     deliver,
 )
+from service.threadnames import name_this_thread
 
 log = logging.getLogger("service.batcher")
 
@@ -99,6 +100,8 @@ class EngineRuns:
     def _engine_thread(
         self, loop: asyncio.AbstractEventLoop, stopped: asyncio.Future[None]
     ) -> None:
+        name_this_thread()
+
         def post(callback: object, *args: object) -> bool:
             try:
                 loop.call_soon_threadsafe(callback, *args)  # type: ignore[arg-type]

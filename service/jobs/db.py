@@ -30,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
+from service.threadnames import name_this_thread
+
 T = TypeVar("T")
 
 metadata = MetaData()
@@ -161,7 +163,9 @@ class Database:
             )
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite or postgresql")
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="linmod-db")
+        self._executor = ThreadPoolExecutor(
+            threads, thread_name_prefix="linmod-db", initializer=name_this_thread
+        )
 
     @property
     def url(self) -> str:

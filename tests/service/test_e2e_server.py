@@ -180,3 +180,26 @@ def test_sigterm_drains_and_exits_cleanly(tiny_artifact: Path, tmp_path: Path) -
                 assert response.json()["error"]["code"] == "shutting_down", response.text
                 continue
             assert response.status_code == 200, response.text
+
+
+def test_the_service_threads_carry_their_names_in_the_kernel(server: Server) -> None:
+    from bench.loadgen import thread_roles_cpu_s
+
+    # Concurrent long texts: tokenized on the tokenizer threads, run on the engine threads,
+    # until each kind of thread has used a clock tick of CPU (/proc counts 10 ms ticks).
+    body = {"input": text_of(400), "long_document": "chunk"}
+    roles: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(4) as pool:
+        while time.monotonic() < deadline:
+            answers = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/classify", json=body,
+                                                         timeout=60), range(4)))  # fmt: skip
+            assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+            roles = thread_roles_cpu_s(server.proc.pid)
+            if all(roles.get(r, 0.0) > 0 for r in ("linmod-engine", "linmod-tokenize", "loop")):
+                break
+    assert all(roles.get(r, 0.0) > 0 for r in ("linmod-engine", "linmod-tokenize", "loop")), roles
+    tasks = Path(f"/proc/{server.proc.pid}/task")
+    names = {(t / "comm").read_text().strip() for t in tasks.iterdir()}
+    # what top -H, ps -L and perf show; the kernel keeps 15 bytes of "linmod-tokenize_0"
+    assert {"linmod-engine-0", "linmod-engine-1", "linmod-tokenize", "linmod-db_0"} <= names
