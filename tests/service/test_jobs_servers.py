@@ -92,15 +92,17 @@ def line_states(url: str, batch_id: str) -> dict[str, int]:
 def kill_while_holding_lines(server: JobServer, url: str, batch_id: str) -> dict[str, int]:
     """SIGKILL the replica at a moment it holds claimed lines, and return the lines' states then.
 
-    The replica is frozen (SIGSTOP) before its lines are read, so what is read is what it held
-    when killed; between claims it may hold none, and then it runs on a moment and is tried again.
+    The replica is frozen (SIGSTOP) before its lines are read; between claims it may hold none,
+    and then it runs on a moment and is tried again. What it held is read again once it is dead:
+    frozen in the middle of a SQLite commit, its last transaction is in the write-ahead log but
+    not yet visible to readers, and the next connection after its death recovers it.
     """
     for _ in range(500):
         os.kill(server.proc.pid, signal.SIGSTOP)
         held = line_states(url, batch_id)
         if held.get("claimed", 0) > 0 and held.get("pending", 0) > 0:
             server.kill()
-            return held
+            return line_states(url, batch_id)
         os.kill(server.proc.pid, signal.SIGCONT)
         time.sleep(0.01)
     server.kill()
