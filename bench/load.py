@@ -55,7 +55,14 @@ TRUNCATE = {"long_document": "truncate"}
 SERVICE, FORCED_ON, NAIVE = "service (defaults)", "service, --batching on", "naive server"
 OURS = (SERVICE, FORCED_ON)
 MIN_BLOCKS = 8  # fewer blocks than this give no bootstrap interval worth printing
-STATS = ["windows_per_run", "engine_run_ms", "queue_wait_ms"]
+# CPU ms per document of the service's threads, by role (its threads carry kernel names)
+ROLES = {
+    "linmod-engine": "engine_cpu_ms",
+    "linmod-tokenize": "tokenize_cpu_ms",
+    "loop": "loop_cpu_ms",
+}
+THREAD_CPU = [*ROLES.values(), "other_cpu_ms"]
+STATS = ["windows_per_run", "engine_run_ms", "queue_wait_ms", *THREAD_CPU]
 HEADERS = [
     "server",
     "clients",
@@ -80,11 +87,23 @@ def measured(
     """One level: the clients' view, the service's own (its /metrics) and the server's CPU s."""
     url = server.url
     before = loadgen.counters(url) if metrics else {}
+    threads0 = server.thread_cpu_s() if metrics else {}
     cpu0 = server.cpu_s()
     result = asyncio.run(loadgen.run_level(url, texts, clients, extra=TRUNCATE))
     cpu = server.cpu_s() - cpu0
     stats = loadgen.server_stats(before, loadgen.counters(url)) if metrics else {}
+    if metrics:
+        stats |= thread_cpu_ms(threads0, server.thread_cpu_s(), result.ok)
     return result, stats, cpu
+
+
+def thread_cpu_ms(before: dict[str, float], after: dict[str, float], docs: int) -> dict[str, float]:
+    """CPU ms per document of each role's threads between two readings (`THREAD_CPU`): the
+    engine threads, the tokenizer threads, the event loop (the main thread) and the rest."""
+    out = dict.fromkeys(THREAD_CPU, 0.0)
+    for role, seconds in after.items():
+        out[ROLES.get(role, "other_cpu_ms")] += seconds - before.get(role, 0.0)
+    return {k: 1000 * v / docs if docs else float("nan") for k, v in out.items()}
 
 
 def level_row(
@@ -135,6 +154,7 @@ def one_client_turn(
     the turn falls on every server alike, where whole-level turns let it move one client's p50
     by several per cent. One merged result per server."""
     before = {name: loadgen.counters(s.url) for name, s in servers.items() if name in OURS}
+    threads0 = {name: s.thread_cpu_s() for name, s in servers.items() if name in OURS}
     merged = {name: (loadgen.LevelResult(1), 0.0) for name in servers}
     for b, start in enumerate(range(0, len(texts), block)):
         names = list(servers) if (b + turn) % 2 == 0 else list(servers)[::-1]
@@ -156,6 +176,7 @@ def one_client_turn(
         name: (
             total,
             loadgen.server_stats(before[name], loadgen.counters(servers[name].url))
+            | thread_cpu_ms(threads0[name], servers[name].thread_cpu_s(), total.ok)
             if name in OURS
             else {},
             cpu,
@@ -564,6 +585,12 @@ def report(
             "`cpu_ms_per_doc` is the server's whole process tree (from /proc) over the documents "
             "answered; `outside_engine_ms` subtracts the offline engine's CPU per document run one "
             f"per run ({offline[1].cpu_ms_per_doc:.1f} ms), the same for every server. "
+            "The service's CPU per document by thread, from /proc (its threads carry kernel "
+            "names): `engine_cpu_ms` its engine threads (ONNX Runtime's runs, padding), "
+            "`tokenize_cpu_ms` its tokenizer threads, `loop_cpu_ms` the event loop's thread "
+            "(HTTP, JSON, the request path; at one client also the short runs made there), "
+            "`other_cpu_ms` the rest (ONNX Runtime's helper threads for a run alone, the "
+            "database thread). "
             "`client_cpu_s` is the load generator's own CPU time per level: on a small machine it "
             "competes with the server for the same cores. Service and naive rows are medians of "
             "`turns` alternating runs"

@@ -134,6 +134,31 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
+def thread_roles_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a live process's threads by role, from /proc: "loop" for
+    its main thread, else each thread's kernel name less a trailing number ("linmod-engine-1"
+    and "linmod-engine-0" are "linmod-engine"); threads named as the process itself are "other".
+    The service names its threads (service/threadnames.py); other servers' come out as "other"."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        process = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return roles
+    for tid in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # ended since the listing
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        role = "loop" if int(tid) == pid else name.rstrip("0123456789").rstrip("-_")
+        role = "other" if role == process and int(tid) != pid else role
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return roles
+
+
 class ServerProcess:
     """A server started as a subprocess, ready once GET `ready_path` answers 200; SIGTERM to
     stop."""
@@ -179,6 +204,10 @@ class ServerProcess:
     def cpu_s(self) -> float:
         """CPU seconds the server's process tree has used so far."""
         return process_tree_cpu_s(self.proc.pid)
+
+    def thread_cpu_s(self) -> dict[str, float]:
+        """CPU seconds the server's main process has used so far, by thread role."""
+        return thread_roles_cpu_s(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -321,3 +321,42 @@ def test_changes_pairs_each_email_with_the_naive_servers_answer() -> None:
     # A turn that lost an answer is left out; none left: no figure.
     assert per_email_difference([turn(ours[:3]), turn(ours)], [turn(naive)] * 2) == -1.0
     assert per_email_difference([turn(ours[:3])], [turn(naive)]) == ""
+
+
+def test_thread_roles_cpu_reads_each_threads_kernel_name() -> None:
+    import os
+
+    from bench.load import thread_cpu_ms
+    from bench.loadgen import thread_roles_cpu_s
+    from service.threadnames import name_this_thread
+
+    stop = threading.Event()
+
+    def burn(name: str) -> None:
+        name_this_thread(name)
+        while not stop.is_set():
+            pass
+
+    before = thread_roles_cpu_s(os.getpid())
+    names = ["linmod-engine-0", "linmod-engine-1", "linmod-tokenize_0"]
+    threads = [threading.Thread(target=burn, args=(n,), daemon=True) for n in names]
+    for t in threads:
+        t.start()
+    try:
+        # read while they run: the kernel forgets an ended thread's time
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            roles = thread_roles_cpu_s(os.getpid())
+            if roles.get("linmod-engine", 0.0) >= 0.4 and roles.get("linmod-tokenize", 0.0) >= 0.1:
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert "loop" in roles  # this thread, the process's main one
+    assert roles["linmod-engine"] - before.get("linmod-engine", 0.0) >= 0.4  # both, summed
+    assert roles["linmod-tokenize"] - before.get("linmod-tokenize", 0.0) >= 0.1
+    per_doc = thread_cpu_ms(before, roles, docs=10)
+    assert set(per_doc) == {"engine_cpu_ms", "tokenize_cpu_ms", "loop_cpu_ms", "other_cpu_ms"}
+    assert per_doc["engine_cpu_ms"] >= 40.0  # >= 0.4 s over 10 documents
