@@ -1,8 +1,8 @@
 """Before and after: the service at several git revisions, side by side in one run, to record
 what each change to the request path did. Each revision is checked out into a temporary work
 tree and served from there with this environment's packages; the naive server runs beside them.
-Revisions and the naive server take turns level by level, `--repeats` times; figures are the
-medians of the turns. At one client they take turns every `--block` emails within a turn, as
+Revisions and the naive server take turns level by level, `--repeats` times (every other turn
+in reverse order); figures are the medians of the turns. At one client they take turns every `--block` emails within a turn, as
 `bench.load` does, and each revision's row gives its median per-email difference from the naive
 server: one client's p50 moves by more between turns than most changes to the request path.
 
@@ -40,7 +40,7 @@ from bench.load import one_client_turn
 TRUNCATE = {"long_document": "truncate"}
 HEADERS = [
     "server", "clients", "docs_per_s", "p50_ms", "p99_ms", "cpu_ms_per_doc", "turns",
-    "ms_per_email_vs_naive",
+    "ms_per_email_vs_naive", "docs_per_s_vs_naive",
 ]  # fmt: skip
 
 
@@ -79,6 +79,25 @@ def per_email_difference(
         for a, b in zip(x.latencies, y.latencies, strict=True)
     ]
     return round(statistics.median(diffs), 3) if diffs else ""
+
+
+def turn_order(names: list[str], turn: int) -> list[str]:
+    """The servers' order in a turn: every other turn reversed, so that a steady drift of the
+    machine's speed over a turn, or whatever favours a place in the order, falls on all alike."""
+    return names if turn % 2 == 0 else names[::-1]
+
+
+def paired_ratio(
+    ours: list[tuple[loadgen.LevelResult, float]], naive: list[tuple[loadgen.LevelResult, float]]
+) -> float | str:
+    """Median over the turns of this server's docs/s over the naive server's in the same turn:
+    each turn's two runs are seconds apart, so the drift between turns cancels."""
+    ratios = [
+        x.throughput / y.throughput
+        for (x, _), (y, _) in zip(ours, naive, strict=True)
+        if y.throughput
+    ]
+    return round(statistics.median(ratios), 3) if ratios else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                         for name, (r, _, cpu) in got_turn.items():
                             turns[name].append((r, cpu))
                         continue
-                    for name, server in servers.items():
+                    for name in turn_order(list(servers), turn):
+                        server = servers[name]
                         cpu0 = server.cpu_s()
                         r = asyncio.run(loadgen.run_level(server.url, texts, c, extra=TRUNCATE))
                         turns[name].append((r, server.cpu_s() - cpu0))
@@ -140,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         med(1000 * cpu / r.ok for r, cpu in got if r.ok), len(got),
                         per_email_difference(got, turns["naive server"])
                         if c == 1 and args.block and name != "naive server"
+                        else "",
+                        paired_ratio(got, turns["naive server"])
+                        if c > 1 and name != "naive server"
                         else "",
                     ])  # fmt: skip
                     print(markdown_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
@@ -160,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     body = markdown_table(HEADERS, rows) + (
         "\n\nEach revision's service runs with its own defaults; `cpu_ms_per_doc` is the "
-        "server's process tree (from /proc) over the documents answered."
+        "server's process tree (from /proc) over the documents answered. Above one client "
+        "the servers take turns in an order reversed every other turn, and "
+        "`docs_per_s_vs_naive` is the median over the turns of each turn's docs/s over the "
+        "naive server's in the same turn."
         + (
             f" At one client the servers take turns every {args.block} emails within each "
             "turn, and `ms_per_email_vs_naive` is the median over the emails of each one's "

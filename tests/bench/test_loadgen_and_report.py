@@ -360,3 +360,22 @@ def test_thread_roles_cpu_reads_each_threads_kernel_name() -> None:
     per_doc = thread_cpu_ms(before, roles, docs=10)
     assert set(per_doc) == {"engine_cpu_ms", "tokenize_cpu_ms", "loop_cpu_ms", "other_cpu_ms"}
     assert per_doc["engine_cpu_ms"] >= 40.0  # >= 0.4 s over 10 documents
+
+
+def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_server() -> None:
+    from bench.changes import paired_ratio, turn_order
+
+    names = ["before", "after", "naive server"]
+    assert [turn_order(names, t) for t in range(3)] == [names, names[::-1], names]
+
+    def turn(docs_per_s: float) -> tuple[LevelResult, float]:
+        return LevelResult(32, seconds=100 / docs_per_s, statuses={200: 100}), 1.0
+
+    # Each turn's docs/s against the naive server's in that turn: 1.2, 1.1 and 0.8; a turn where
+    # the naive server answered nothing has no ratio.
+    ours = [turn(120.0), turn(66.0), turn(24.0)]
+    naive = [turn(100.0), turn(60.0), turn(30.0)]
+    assert paired_ratio(ours, naive) == 1.1
+    silent = (LevelResult(32, seconds=1.0, statuses={0: 100}), 1.0)
+    assert paired_ratio([*ours, turn(500.0)], [*naive, silent]) == 1.1
+    assert paired_ratio([], []) == ""
