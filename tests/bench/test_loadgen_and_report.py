@@ -217,16 +217,27 @@ def test_side_by_side_measures_the_offline_ceiling_after_every_turn() -> None:
     assert [n for n, _ in turns[27:35:4]] == ["b", "a"]
 
 
-def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) -> None:
+def report_row(name: str, clients: int, docs_per_s: float) -> list[object]:
+    """A load-table row as `report` reads it (the columns up to outside_engine_ms)."""
+    return [name, clients, docs_per_s, 10.0, 20.0, 30.0, 100, 0, 0, 15.0, 1.0]
+
+
+def report_args(tmp_path: Path) -> object:
+    """The arguments of `bench.load` that `report` reads."""
     from types import SimpleNamespace
+
+    return SimpleNamespace(
+        precision="int8", threads=2, block=50, model_dir=tmp_path / "m", interactive_clients=4,
+        interactive_requests=10, service_flag=[], quick=False,
+    )  # fmt: skip
+
+
+def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) -> None:
 
     from bench.common import machine
 
-    def row(name: str, clients: int, docs_per_s: float) -> list[object]:
-        return [name, clients, docs_per_s, 10.0, 20.0, 30.0, 100, 0, 0, 15.0, 1.0]
-
-    rows = [row(SERVICE, 1, 40.0), row(NAIVE, 1, 41.0), row(SERVICE, 32, 90.0)]
-    rows.append(row(NAIVE, 32, 80.0))
+    rows = [report_row(SERVICE, 1, 40.0), report_row(NAIVE, 1, 41.0)]
+    rows += [report_row(SERVICE, 32, 90.0), report_row(NAIVE, 32, 80.0)]
     start = [
         OfflineResult("length-sorted batches (2 threads)", 95.0, 20.0),
         OfflineResult("one per run (2 threads)", 120.0, 16.0),
@@ -234,10 +245,7 @@ def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) ->
     ]
     # Measured again beside the 32-client turns, the machine had slowed down.
     slower = [OfflineResult(o.name, o.docs_per_s * 0.8, o.cpu_ms_per_doc) for o in start]
-    args = SimpleNamespace(
-        precision="int8", threads=2, block=50, model_dir=tmp_path / "m", interactive_clients=4,
-        interactive_requests=10, service_flag=[], quick=False,
-    )  # fmt: skip
+    args = report_args(tmp_path)
     report(
         args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None, {32: slower}
     )
@@ -253,7 +261,6 @@ def test_report_holds_a_level_to_the_ceiling_of_its_own_turns(tmp_path: Path) ->
 
 
 def test_report_shows_each_turns_ratio_beside_the_medians(tmp_path: Path) -> None:
-    from types import SimpleNamespace
 
     from bench.common import machine
 
@@ -284,19 +291,13 @@ def test_report_shows_each_turns_ratio_beside_the_medians(tmp_path: Path) -> Non
     assert [round(r, 2) for r in got["one client"]] == [0.9]
     assert each_turn({}, {}) == {"throughput": [], "p99": [], "ceiling": [], "one client": []}
 
-    def row(name: str, clients: int, docs_per_s: float) -> list[object]:
-        return [name, clients, docs_per_s, 10.0, 20.0, 30.0, 100, 0, 0, 15.0, 1.0]
-
-    rows = [row(SERVICE, 1, 40.0), row(NAIVE, 1, 41.0), row(SERVICE, 32, 111.0)]
-    rows.append(row(NAIVE, 32, 100.0))
+    rows = [report_row(SERVICE, 1, 40.0), report_row(NAIVE, 1, 41.0)]
+    rows += [report_row(SERVICE, 32, 111.0), report_row(NAIVE, 32, 100.0)]
     start = [
         OfflineResult("length-sorted batches (2 threads)", 95.0, 20.0),
         OfflineResult("one per run (2 threads)", 120.0, 16.0),
     ]
-    args = SimpleNamespace(
-        precision="int8", threads=2, block=50, model_dir=tmp_path / "m", interactive_clients=4,
-        interactive_requests=10, service_flag=[], quick=False,
-    )  # fmt: skip
+    args = report_args(tmp_path)
     report(args, [], tmp_path, machine(), rows, [], "not run", [], start, {}, 400, None, None, got)
     text = (tmp_path / "load.md").read_text()
     assert (
