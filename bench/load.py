@@ -346,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         "--job-wait", type=float, help="seconds to wait for the job (default: cancel quick, 3600)"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="offline engine")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds of rest after each offline measurement, before the next server's turn "
+        "(after half a second, the server that went next measured slower: bench/ANALYSIS.md)",
+    )
     add_service_flag(p)
     args = p.parse_args(argv)
     if args.block < 0:
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def offline_again() -> list[OfflineResult]:
         again = reference.measure()
-        time.sleep(0.5)  # its threads settle before the next server's turn
+        time.sleep(args.settle)  # the machine settles before the next server's turn
         return again
 
     # CPU per document of the engine alone: what one run per document costs offline, the
