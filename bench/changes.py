@@ -35,7 +35,7 @@ from bench.common import (
     write_csv,
     write_fragment,
 )
-from bench.load import one_client_turn
+from bench.load import one_client_turn, turn_order
 
 TRUNCATE = {"long_document": "truncate"}
 HEADERS = [
@@ -79,12 +79,6 @@ def per_email_difference(
         for a, b in zip(x.latencies, y.latencies, strict=True)
     ]
     return round(statistics.median(diffs), 3) if diffs else ""
-
-
-def turn_order(names: list[str], turn: int) -> list[str]:
-    """The servers' order in a turn: every other turn reversed, so that a steady drift of the
-    machine's speed over a turn, or whatever favours a place in the order, falls on all alike."""
-    return names if turn % 2 == 0 else names[::-1]
 
 
 def paired_ratio(

@@ -146,6 +146,12 @@ def say(row: list[Any]) -> None:
     )
 
 
+def turn_order(names: list[str], turn: int) -> list[str]:
+    """The servers' order in a turn (or a block): every other one reversed, so that a steady
+    drift of the machine's speed, or whatever favours a place in the order, falls on all alike."""
+    return names if turn % 2 == 0 else names[::-1]
+
+
 def one_client_turn(
     servers: dict[str, loadgen.ServerProcess], texts: list[str], block: int, turn: int
 ) -> dict[str, tuple[loadgen.LevelResult, dict[str, float], float]]:
@@ -157,8 +163,7 @@ def one_client_turn(
     threads0 = {name: s.thread_cpu_s() for name, s in servers.items() if name in OURS}
     merged = {name: (loadgen.LevelResult(1), 0.0) for name in servers}
     for b, start in enumerate(range(0, len(texts), block)):
-        names = list(servers) if (b + turn) % 2 == 0 else list(servers)[::-1]
-        for name in names:
+        for name in turn_order(list(servers), b + turn):
             server = servers[name]
             time.sleep(0.2)  # the previous server's threads settle
             cpu0 = server.cpu_s()
@@ -214,10 +219,7 @@ def side_by_side(
                     if paired is not None:
                         paired.setdefault(name, []).append(got[0])
             else:
-                # every other turn in reverse order, so that a steady drift of the machine's
-                # speed over a turn falls on the first server and the last alike
-                names = list(servers) if turn % 2 == 0 else list(servers)[::-1]
-                for name in names:
+                for name in turn_order(list(servers), turn):
                     turns[name].append(measured(servers[name], texts, c, metrics=name in OURS))
             if level_turns is not None:
                 for name in servers:
@@ -497,7 +499,6 @@ def report(
     each turn of each level, medians by level. A level is held to its own turns' ceiling.
     `turns`: the ratios turn by turn (`each_turn`), shown beside the medians' ratios."""
     by_level, turns = by_level or {}, turns or {}
-    best_of = best_offline
 
     write_csv(out / "load.csv", HEADERS, rows + job_rows)
     plot(rows, offline, out / "load.png")
@@ -505,8 +506,10 @@ def report(
     nan_row = [float("nan")] * len(HEADERS)
     ours = [r for r in rows if r[0] == SERVICE]
     best = max(ours, key=lambda r: r[2], default=nan_row)
-    best_ceiling = best_of(by_level.get(32, offline))
-    best_at_best = best_of(by_level.get(int(best[1]), offline) if best is not nan_row else offline)
+    best_ceiling = best_offline(by_level.get(32, offline))
+    best_at_best = best_offline(
+        by_level.get(int(best[1]), offline) if best is not nan_row else offline
+    )
     ceiling_when = " in the same turns" if 32 in by_level else ""
     at32, naive32 = get.get((SERVICE, 32), nan_row), get.get((NAIVE, 32), nan_row)
     at1, naive1 = get.get((SERVICE, 1), nan_row), get.get((NAIVE, 1), nan_row)

@@ -364,7 +364,8 @@ def test_thread_roles_cpu_reads_each_threads_kernel_name() -> None:
 
 
 def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_server() -> None:
-    from bench.changes import paired_ratio, turn_order
+    from bench.changes import paired_ratio
+    from bench.load import turn_order
 
     names = ["before", "after", "naive server"]
     assert [turn_order(names, t) for t in range(3)] == [names, names[::-1], names]
