@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from bench.load import one_client_turn, turn_order
 TRUNCATE = {"long_document": "truncate"}
 HEADERS = [
     "server", "clients", "docs_per_s", "p50_ms", "p99_ms", "cpu_ms_per_doc", "turns",
-    "ms_per_email_vs_naive", "docs_per_s_vs_naive",
+    "ms_per_email_vs_naive", "docs_per_s_vs_naive", "p99_vs_naive",
 ]  # fmt: skip
 
 
@@ -82,16 +83,20 @@ def per_email_difference(
 
 
 def paired_ratio(
-    ours: list[tuple[loadgen.LevelResult, float]], naive: list[tuple[loadgen.LevelResult, float]]
+    ours: list[tuple[loadgen.LevelResult, float]],
+    naive: list[tuple[loadgen.LevelResult, float]],
+    figure: Callable[[loadgen.LevelResult], float] = lambda r: r.throughput,
 ) -> float | str:
-    """Median over the turns of this server's docs/s over the naive server's in the same turn:
-    each turn's two runs are seconds apart, so the drift between turns cancels."""
+    """Median over the turns of this server's `figure` (docs/s) over the naive server's in the
+    same turn: each turn's two runs are seconds apart, so the drift between turns cancels."""
     ratios = [
-        x.throughput / y.throughput
-        for (x, _), (y, _) in zip(ours, naive, strict=True)
-        if y.throughput
+        figure(x) / figure(y) for (x, _), (y, _) in zip(ours, naive, strict=True) if figure(y)
     ]
     return round(statistics.median(ratios), 3) if ratios else ""
+
+
+def p99(result: loadgen.LevelResult) -> float:
+    return result.ms(99)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                         cpu0 = server.cpu_s()
                         r = asyncio.run(loadgen.run_level(server.url, texts, c, extra=TRUNCATE))
                         turns[name].append((r, server.cpu_s() - cpu0))
+                        print(
+                            f"  {c} clients, turn {turn + 1}/{args.repeats}, {name}: "
+                            f"{r.throughput:.1f} docs/s, p99 {r.ms(99):.0f} ms",
+                            flush=True,
+                        )
                 for name, got in turns.items():
                     med = statistics.median
                     rows.append([
@@ -156,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         if c == 1 and args.block and name != "naive server"
                         else "",
                         paired_ratio(got, turns["naive server"])
+                        if c > 1 and name != "naive server"
+                        else "",
+                        paired_ratio(got, turns["naive server"], p99)
                         if c > 1 and name != "naive server"
                         else "",
                     ])  # fmt: skip
@@ -180,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "server's process tree (from /proc) over the documents answered. Above one client "
         "the servers take turns in an order reversed every other turn, and "
         "`docs_per_s_vs_naive` is the median over the turns of each turn's docs/s over the "
-        "naive server's in the same turn."
+        "naive server's in the same turn, `p99_vs_naive` the same for p99."
         + (
             f" At one client the servers take turns every {args.block} emails within each "
             "turn, and `ms_per_email_vs_naive` is the median over the emails of each one's "

@@ -381,3 +381,11 @@ def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_se
     silent = (LevelResult(32, seconds=1.0, statuses={0: 100}), 1.0)
     assert paired_ratio([*ours, turn(500.0)], [*naive, silent]) == 1.1
     assert paired_ratio([], []) == ""
+
+    # p99 pairs the same way: 0.5, 0.4 and 0.6 -> 0.5.
+    from bench.changes import p99
+
+    def tail(ms: float) -> tuple[LevelResult, float]:
+        return LevelResult(32, seconds=1.0, latencies=[ms / 1000] * 10, statuses={200: 10}), 1.0
+
+    assert paired_ratio([tail(100), tail(80), tail(300)], [tail(200)] * 2 + [tail(500)], p99) == 0.5
