@@ -364,7 +364,7 @@ def test_thread_roles_cpu_reads_each_threads_kernel_name() -> None:
 
 
 def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_server() -> None:
-    from bench.changes import paired_ratio
+    from bench.changes import p99, paired_ratio
     from bench.load import turn_order
 
     names = ["before", "after", "naive server"]
@@ -383,8 +383,6 @@ def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_se
     assert paired_ratio([], []) == ""
 
     # p99 pairs the same way: 0.5, 0.4 and 0.6 -> 0.5.
-    from bench.changes import p99
-
     def tail(ms: float) -> tuple[LevelResult, float]:
         return LevelResult(32, seconds=1.0, latencies=[ms / 1000] * 10, statuses={200: 10}), 1.0
 
