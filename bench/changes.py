@@ -2,9 +2,11 @@
 what each change to the request path did. Each revision is checked out into a temporary work
 tree and served from there with this environment's packages; the naive server runs beside them.
 Revisions and the naive server take turns level by level, `--repeats` times (every other turn
-in reverse order); figures are the medians of the turns. At one client they take turns every `--block` emails within a turn, as
-`bench.load` does, and each revision's row gives its median per-email difference from the naive
-server: one client's p50 moves by more between turns than most changes to the request path.
+in reverse order); figures are the medians of the turns, and above one client each revision's
+docs/s and p99 are also given against the naive server's turn by turn. At one client they take
+turns every `--block` emails within a turn, as `bench.load` does, and each revision's row gives
+its median per-email difference from the naive server: one client's p50 moves by more between
+turns than most changes to the request path.
 
     python -m bench.changes REV[=label] ... [--clients 1 32] [--docs 300] [--repeats 3]
 """
@@ -12,6 +14,7 @@ server: one client's p50 moves by more between turns than most changes to the re
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import shutil
@@ -36,7 +39,7 @@ from bench.common import (
     write_csv,
     write_fragment,
 )
-from bench.load import one_client_turn, turn_order
+from bench.load import docs_per_s, one_client_turn, p99_ms, turn_order, turn_ratios
 
 TRUNCATE = {"long_document": "truncate"}
 HEADERS = [
@@ -85,18 +88,14 @@ def per_email_difference(
 def paired_ratio(
     ours: list[tuple[loadgen.LevelResult, float]],
     naive: list[tuple[loadgen.LevelResult, float]],
-    figure: Callable[[loadgen.LevelResult], float] = lambda r: r.throughput,
+    figure: Callable[[loadgen.LevelResult], float] = docs_per_s,
 ) -> float | str:
     """Median over the turns of this server's `figure` (docs/s) over the naive server's in the
-    same turn: each turn's two runs are seconds apart, so the drift between turns cancels."""
-    ratios = [
-        figure(x) / figure(y) for (x, _), (y, _) in zip(ours, naive, strict=True) if figure(y)
-    ]
-    return round(statistics.median(ratios), 3) if ratios else ""
-
-
-def p99(result: loadgen.LevelResult) -> float:
-    return result.ms(99)
+    same turn (`bench.load.turn_ratios`); turns where the naive server answered nothing are left
+    out."""
+    ratios = turn_ratios([r for r, _ in ours], [r for r, _ in naive], figure)
+    kept = [r for r in ratios if not math.isnan(r)]
+    return round(statistics.median(kept), 3) if kept else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         paired_ratio(got, turns["naive server"])
                         if c > 1 and name != "naive server"
                         else "",
-                        paired_ratio(got, turns["naive server"], p99)
+                        paired_ratio(got, turns["naive server"], p99_ms)
                         if c > 1 and name != "naive server"
                         else "",
                     ])  # fmt: skip

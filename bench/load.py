@@ -20,12 +20,13 @@ server runs exactly the windows the offline engine does (the first n_max tokens)
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +204,10 @@ def side_by_side(
     level_turns: dict[int, dict[str, list[loadgen.LevelResult]]] | None = None,
 ) -> list[list[Any]]:
     """Every server at every level, taking turns, `repeats` times (every other turn in reverse
-    order); one row per server and level. With `block`, one client's level alternates the servers every `block` texts instead, and
-    `paired` gets each server's turns there (latencies in text order). With `offline`, it is
-    measured after every turn, into `offline_turns` by level: the ceiling of the same minutes.
+    order); one row per server and level. With `block`, one client's level alternates the
+    servers every `block` texts instead, and `paired` gets each server's turns there (latencies
+    in text order). With `offline`, it is measured after every turn, into `offline_turns` by
+    level: the ceiling of the same minutes.
     `level_turns` gets every turn's result, by level and server, in turn order."""
     for server in servers.values():  # warm connections and shapes
         asyncio.run(loadgen.run_level(server.url, texts[:32], 8, extra=TRUNCATE))
@@ -455,20 +457,40 @@ def each_turn(
     ours, naive = level_turns.get(32, {}).get(SERVICE, []), level_turns.get(32, {}).get(NAIVE, [])
     one, one_naive = level_turns.get(1, {}).get(SERVICE, []), level_turns.get(1, {}).get(NAIVE, [])
     ceilings = [best_offline(turn).docs_per_s for turn in offline_turns.get(32, [])]
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    def ms(result: loadgen.LevelResult, q: float) -> float:
-        return result.ms(q) if result.latencies else float("nan")
-
     return {
-        "throughput": [ratio(a.throughput, b.throughput) for a, b in zip(ours, naive, strict=True)],
-        "p99": [ratio(ms(a, 99), ms(b, 99)) for a, b in zip(ours, naive, strict=True)],
+        "throughput": turn_ratios(ours, naive, docs_per_s),
+        "p99": turn_ratios(ours, naive, p99_ms),
         # no ceiling where the offline engine was not measured between turns
-        "ceiling": [ratio(a.throughput, c) for a, c in zip(ours, ceilings, strict=False)],
-        "one client": [ratio(ms(a, 50), ms(b, 50)) for a, b in zip(one, one_naive, strict=True)],
+        "ceiling": [
+            a.throughput / c if c else math.nan for a, c in zip(ours, ceilings, strict=False)
+        ],
+        "one client": turn_ratios(one, one_naive, p50_ms),
     }
+
+
+def docs_per_s(result: loadgen.LevelResult) -> float:
+    return result.throughput
+
+
+def p50_ms(result: loadgen.LevelResult) -> float:
+    return result.ms(50) if result.latencies else math.nan
+
+
+def p99_ms(result: loadgen.LevelResult) -> float:
+    return result.ms(99) if result.latencies else math.nan
+
+
+def turn_ratios(
+    ours: Sequence[loadgen.LevelResult],
+    theirs: Sequence[loadgen.LevelResult],
+    figure: Callable[[loadgen.LevelResult], float],
+) -> list[float]:
+    """`figure` of each of our turns over theirs in the same turn (NaN where theirs is 0 or
+    missing): the two runs of a turn are seconds apart, so the drift between turns cancels."""
+    return [
+        figure(a) / b if (b := figure(t)) and not math.isnan(b) else math.nan
+        for a, t in zip(ours, theirs, strict=True)
+    ]
 
 
 def turns_cell(ratios: list[float], bound: float, at_least: bool) -> str:

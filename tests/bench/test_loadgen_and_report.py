@@ -364,8 +364,8 @@ def test_thread_roles_cpu_reads_each_threads_kernel_name() -> None:
 
 
 def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_server() -> None:
-    from bench.changes import p99, paired_ratio
-    from bench.load import turn_order
+    from bench.changes import paired_ratio
+    from bench.load import p99_ms, turn_order
 
     names = ["before", "after", "naive server"]
     assert [turn_order(names, t) for t in range(3)] == [names, names[::-1], names]
@@ -386,4 +386,6 @@ def test_changes_reverses_every_other_turn_and_pairs_each_turn_with_the_naive_se
     def tail(ms: float) -> tuple[LevelResult, float]:
         return LevelResult(32, seconds=1.0, latencies=[ms / 1000] * 10, statuses={200: 10}), 1.0
 
-    assert paired_ratio([tail(100), tail(80), tail(300)], [tail(200)] * 2 + [tail(500)], p99) == 0.5
+    assert (
+        paired_ratio([tail(100), tail(80), tail(300)], [tail(200)] * 2 + [tail(500)], p99_ms) == 0.5
+    )
