@@ -76,6 +76,15 @@ class Replica:
         self.proc.kill()
         self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: the process runs nothing and writes nothing until `resume`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def terminate(self, timeout: float = 60) -> tuple[int | None, float]:
         """SIGTERM, as a rolling update sends it; the exit status and seconds until exit, or
         None if it had not exited after `timeout` s (then it is killed, as Kubernetes would)."""

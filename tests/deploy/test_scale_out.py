@@ -197,20 +197,30 @@ def test_replicas_survive_a_kill_and_a_rolling_restart_under_load(
                 assert created.status_code == 200, created.text
             batch_id = created.json()["id"]
 
-            # Mid-batch, with every replica holding lines: SIGKILL one.
+            # Mid-batch, at a moment the replica holds lines: SIGKILL one.
             deadline = time.monotonic() + 90
             batch = poll_batch(lb.url, batch_id)
             while batch["request_counts"]["completed"] < LINES // 5:
                 assert time.monotonic() < deadline, f"too slow to reach a fifth: {batch}"
                 time.sleep(0.1)
                 batch = poll_batch(lb.url, batch_id)
-            killing = time.monotonic()
+            # A replica between two chunks holds nothing for a moment. So it is paused (SIGSTOP)
+            # and its claims are read while it writes nothing, after a pause long enough for a
+            # statement it had already sent to finish; holding none, it resumes and is tried
+            # again a moment later. The read is what it held when the SIGKILL comes.
+            for pauses in itertools.count(1):
+                assert time.monotonic() < deadline + 30, "the replica never held lines"
+                killing = time.monotonic()
+                killed.pause()
+                time.sleep(0.2)
+                worker, held, lease_end = held_by(db, batch_id, killed.pid)
+                if worker is not None and held:
+                    break
+                killed.resume()
+                time.sleep(0.1)
             killed.kill()
             killed_at, killed_wall = time.monotonic(), time.time()
-            # Read once it is dead: a line it finished between an earlier read and the kill was
-            # never held at the kill, and a dead process writes nothing more.
-            worker, held, lease_end = held_by(db, batch_id, killed.pid)
-            assert worker is not None and held, "the killed replica held no lines"
+            figures["pauses before the kill"] = pauses
             figures["killed at"] = batch["request_counts"]
             figures["lines held by the killed replica"] = len(held)
             figures["in flight at the kill"] = load.in_flight_between(killing, killed_at)
