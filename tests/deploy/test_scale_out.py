@@ -208,8 +208,10 @@ def test_replicas_survive_a_kill_and_a_rolling_restart_under_load(
             # and its claims are read while it writes nothing, after a pause long enough for a
             # statement it had already sent to finish; holding none, it resumes and is tried
             # again a moment later. The read is what it held when the SIGKILL comes.
-            for pauses in itertools.count(1):
+            pauses = 0
+            while True:
                 assert time.monotonic() < deadline + 30, "the replica never held lines"
+                pauses += 1
                 killing = time.monotonic()
                 killed.pause()
                 time.sleep(0.2)
