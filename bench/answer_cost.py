@@ -36,6 +36,7 @@ from bench.common import (
     machine,
     markdown_table,
     out_dir,
+    read_config,
     versions,
     write_csv,
     write_fragment,
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     stubs = [(answer, arrival) for arrival in ARRIVALS for answer in ANSWERS]
     texts = {stub: ["hello there, cheap meds"] * args.requests for stub in stubs}
     if args.model_dir is not None:
+        read_config(args.model_dir)  # exits with advice where it is not a model artifact
         emails = [e.text for e in load_test_split(args.data, args.requests)]
         random.Random(0).shuffle(emails)
         stubs += [(name, AS_SERVED) for name in REAL]
