@@ -69,7 +69,9 @@ def assemble(
         "says by how much.",
         "",
         f"- Assembled: {time.strftime('%Y-%m-%d %H:%M %Z')} by `{command}`",
-        f"- Machine: {machine_line(machine())}",
+        # Sections run earlier may come from other machines: each names its own.
+        f"- Assembled on: {machine_line(machine())} (each section names the machine its "
+        "figures come from)",
         "",
         markdown_table(["benchmark", "what", "this run", "took"], rows),
         "",

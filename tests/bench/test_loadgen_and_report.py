@@ -74,6 +74,7 @@ def test_assemble_takes_every_fragment_in_order(tmp_path: Path) -> None:
     assert "No results yet: run `python -m bench.load`" in text
     assert "failed (exit 1)" in text and "earlier run" in text
     assert "Quick mode" not in text
+    assert "- Assembled on: " in text and "each section names the machine" in text
 
 
 def test_run_all_arguments() -> None:
