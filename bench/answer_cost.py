@@ -72,7 +72,13 @@ ANSWERS = {
     "naive server's": (NAIVE_HEADERS, NAIVE_BODY),
 }
 ARRIVALS = ("one at a time", "in bursts")
-REAL = {"the service": loadgen.service_command, "the naive server": loadgen.naive_command}
+# The real servers (with --model-dir): their command from (model dir, port, a scratch folder).
+REAL: dict[str, Callable[[Path, int, Path], list[str]]] = {
+    "the service": lambda model, port, tmp: loadgen.service_command(
+        model, port, "int8", tmp / "jobs.db"
+    ),
+    "the naive server": lambda model, port, tmp: loadgen.naive_command(model, port, "int8"),
+}
 AS_SERVED = "as served"
 HEADERS = [
     "answer", "header_lines", "body_bytes", "arrival", "answers_per_s",
@@ -167,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 log = Path(tmp) / f"{len(servers)}.log"
                 if arrival == AS_SERVED:
                     assert args.model_dir is not None
-                    model_dir = args.model_dir.resolve()
-                    if answer == "the service":
-                        cmd = loadgen.service_command(model_dir, port, "int8", Path(tmp) / "j.db")
-                    else:
-                        cmd = loadgen.naive_command(model_dir, port, "int8")
+                    cmd = REAL[answer](args.model_dir.resolve(), port, Path(tmp))
                     ready = "/ready"
                 else:
                     cmd = [
