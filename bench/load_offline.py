@@ -6,11 +6,18 @@ tokenized documents, in three schedules, with its docs/s and CPU time per docume
 - one document per run on every core at once (the service's CPU engine: one single-threaded run
   per core), shown beside the other two.
 
+With `--tokenize`, two more schedules start from the emails' text, each text tokenized and cut
+to n_max, then run alone on the service's engine (one single-threaded run per core):
+
+- tokenizer threads feeding the engine's threads, as the service does;
+- each engine thread tokenizing a text, then running it, as the naive server does.
+
 Run alone, it measures the three schedules pass after pass on an otherwise idle machine: how far
 the host's own speed drifts, and so how far apart two turns of a server benchmark can land
 for no reason of their own.
 
     python -m bench.load_offline [--model-dir DIR] [--docs 400] [--passes 10] [--pause 0.5]
+        [--tokenize]
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ import random
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +143,81 @@ class OfflineReference:
         self._engine.close()
 
 
+class TextSchedules:
+    """Text to logits with the tokenizing included, on the service's engine and tokenizer: where
+    the tokenizer runs, beside the engine's threads or on them, is all that differs."""
+
+    def __init__(self, model_dir: Path, precision: str, texts: Sequence[str], n_max: int) -> None:
+        from service.artifact import TOKENIZER_FILE
+        from service.documents import DocumentEncoder
+        from service.engine import OnnxEngine
+        from service.settings import Precision
+
+        prec: Precision = precision  # type: ignore[assignment]
+        self._engine = OnnxEngine.load(model_dir, device="cpu", precision=prec)
+        workers = self._engine.workers
+        self._pool = ThreadPoolExecutor(workers)
+        self._tokenizer_pool = ThreadPoolExecutor(workers)
+        encoder = DocumentEncoder.from_file(model_dir / TOKENIZER_FILE)
+        engine, pool, tokenizer_pool = self._engine, self._pool, self._tokenizer_pool
+        self.texts = texts
+
+        def run(ids: Sequence[int]) -> Any:
+            return engine.run(*pad_batch([ids[:n_max]], 0))
+
+        def tokenize(text: str) -> Any:
+            return encoder.encode([text])[0]
+
+        def beside() -> None:
+            # Each text's tokens go to the engine's threads as soon as a tokenizer thread has
+            # them, as the service hands them on.
+            runs: list[Future[Any]] = []
+            lock = threading.Lock()
+
+            def hand_on(tokens: Future[Any]) -> None:
+                with lock:
+                    runs.append(pool.submit(run, tokens.result()))
+
+            tokenized = [tokenizer_pool.submit(tokenize, t) for t in texts]
+            for future in tokenized:
+                future.add_done_callback(hand_on)
+            wait(tokenized)
+            with lock:
+                handed = list(runs)
+            for future in handed:
+                future.result()
+
+        def on_engine_threads() -> None:
+            list(pool.map(lambda text: run(tokenize(text)), texts))
+
+        self.schedules: list[tuple[str, Callable[[], None]]] = [
+            (f"text: {workers} tokenizer threads feeding the engine's", beside),
+            (f"text: tokenized on the engine's {workers} threads", on_engine_threads),
+        ]
+        self._warm = False
+
+    def measure(self) -> list[OfflineResult]:
+        """Each schedule's docs/s and CPU per document over one pass (after a first, warm one)."""
+        return self._measure(self.schedules)
+
+    def measure_reversed(self) -> list[OfflineResult]:
+        """As `measure`, the schedules in the opposite order (results in that order too)."""
+        return self._measure(self.schedules[::-1])
+
+    def _measure(self, schedules: list[tuple[str, Callable[[], None]]]) -> list[OfflineResult]:
+        results = [
+            _timed(name, one_pass, len(self.texts), 1, warm=not self._warm)
+            for name, one_pass in schedules
+        ]
+        self._warm = True
+        return results
+
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown()
+        self._pool.shutdown()
+        self._engine.close()
+
+
 def median_results(measures: Sequence[Sequence[OfflineResult]]) -> list[OfflineResult]:
     """Per schedule, the median docs/s and CPU per document over several measures."""
     return [
@@ -148,6 +231,10 @@ def median_results(measures: Sequence[Sequence[OfflineResult]]) -> list[OfflineR
 
 
 HEADERS = ["pass", "schedule", "docs_per_s", "cpu_ms_per_doc"]
+SUMMARY_HEADERS = [
+    "schedule", "docs_per_s_min", "docs_per_s_median", "docs_per_s_max", "spread",
+    "cpu_ms_per_doc_median",
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, help="passes of each schedule (default 3 quick, 10)")
     p.add_argument("--pause", type=float, default=0.5, help="seconds between passes")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--tokenize",
+        action="store_true",
+        help="also time two schedules from the text, tokenizer beside the engine and on it",
+    )
     args = p.parse_args(argv)
     docs = args.docs if args.docs is not None else (100 if args.quick else 400)
     passes = args.passes if args.passes is not None else (3 if args.quick else 10)
@@ -166,33 +258,51 @@ def main(argv: list[str] | None = None) -> int:
     started, out = machine(), out_dir(args)
     n_max = int(read_config(args.model_dir)["n_max"])
 
-    _, seqs = reference_emails(args.model_dir, args.data, docs, n_max)  # bench.load's
+    texts, seqs = reference_emails(args.model_dir, args.data, docs, n_max)  # bench.load's
     reference = OfflineReference(args.model_dir, args.precision, args.threads, seqs)
+    from_text = (
+        TextSchedules(args.model_dir, args.precision, texts, n_max) if args.tokenize else None
+    )
+    names = [name for name, _ in reference.schedules + (from_text.schedules if from_text else [])]
     rows: list[list[Any]] = []
     try:
         for i in range(1, passes + 1):
-            for o in reference.measure():
+            measured = reference.measure()
+            if from_text is not None:
+                # The two text schedules swap places every other pass.
+                pair = from_text.measure() if i % 2 else from_text.measure_reversed()
+                measured += sorted(pair, key=lambda o: names.index(o.name))
+            for o in measured:
                 rows.append([i, o.name, o.docs_per_s, o.cpu_ms_per_doc])
                 print(f"pass {i:3d}  {o.name:48s} {o.docs_per_s:7.1f} docs/s  "
                       f"{o.cpu_ms_per_doc:5.1f} ms CPU/doc", flush=True)  # fmt: skip
             time.sleep(args.pause)
     finally:
         reference.close()
+        if from_text is not None:
+            from_text.close()
 
     summary = []
-    for name, _ in reference.schedules:
+    for name in names:
         rates = [r[2] for r in rows if r[1] == name]
+        cpu = statistics.median(r[3] for r in rows if r[1] == name)
         summary.append(
-            [name, min(rates), statistics.median(rates), max(rates), max(rates) / min(rates)]
+            [name, min(rates), statistics.median(rates), max(rates), max(rates) / min(rates), cpu]
         )
     write_csv(out / "offline.csv", HEADERS, rows)
     body = "\n\n".join(
         [
             f"Each schedule over the same {len(seqs)} tokenized emails, {passes} passes in turn "
             f"with {args.pause:g} s between passes, nothing else running. The spread is the "
-            "fastest pass over the slowest.",
+            "fastest pass over the slowest."
+            + (
+                " The schedules marked text start from the emails' text and tokenize it; they "
+                "swap places every other pass."
+                if from_text
+                else ""
+            ),
             markdown_table(
-                ["schedule", "docs_per_s_min", "docs_per_s_median", "docs_per_s_max", "spread"],
+                SUMMARY_HEADERS,
                 summary,
             ),
             markdown_table(HEADERS, rows),

@@ -107,6 +107,58 @@ def test_offline_steadiness_writes_every_pass_and_the_spread(
         assert max(rates) / min(rates) >= 1.0
 
 
+@pytest.mark.slow
+def test_text_schedules_tokenize_each_text_and_run_it_alone_cut_to_n_max(
+    tiny_artifact: Path,
+) -> None:
+    from bench.load_offline import TextSchedules
+
+    cfg = json.loads((tiny_artifact / "config.json").read_text())
+    texts = ["win a free prize, click now", "the meeting agenda for monday " * 400, "hello"]
+    full = encode(tiny_artifact, texts)
+    assert len(full[1]) > cfg["n_max"]  # one text is cut
+    schedules = TextSchedules(tiny_artifact, "fp32", texts, cfg["n_max"])
+    runs: list[tuple[int, int]] = []
+    real = schedules._engine.run
+    schedules._engine.run = lambda ids, mask, solo=False: (runs.append(ids.shape), real(ids, mask))[
+        1
+    ]  # type: ignore[method-assign]
+    try:
+        first = schedules.measure()  # each schedule warmed, then measured: 2 passes each
+        second = schedules.measure_reversed()  # measured once each
+    finally:
+        schedules.close()
+    expected = [(1, min(len(ids), cfg["n_max"])) for ids in full]
+    assert sorted(runs) == sorted(expected * 6)
+    names = [o.name for o in first]
+    assert names[0].startswith("text: ") and "feeding the engine's" in names[0]
+    assert names[1].startswith("text: tokenized on the engine's")
+    assert [o.name for o in second] == names[::-1]
+    assert all(o.docs_per_s > 0 and o.cpu_ms_per_doc >= 0 for o in first + second)
+
+
+@pytest.mark.slow
+def test_offline_steadiness_with_tokenize_adds_the_text_schedules(
+    tiny_artifact: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from bench import load_offline
+
+    argv = ["--model-dir", str(tiny_artifact), "--data", str(tiny_data), "--precision", "fp32",
+            "--docs", "6", "--passes", "2", "--pause", "0", "--threads", "1", "--tokenize",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert load_offline.main(argv) == 0
+    with (tmp_path / "offline.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["pass"]) for r in rows] == [1] * 5 + [2] * 5
+    # In the same order every pass, whichever order they ran in.
+    assert [r["schedule"] for r in rows[:5]] == [r["schedule"] for r in rows[5:]]
+    assert [r["schedule"].startswith("text: ") for r in rows[:5]] == [False] * 3 + [True] * 2
+    text = (tmp_path / "offline.md").read_text()
+    assert "swap places every other pass" in text and "cpu_ms_per_doc_median" in text
+
+
 def test_offline_steadiness_rejects_a_pass_count_below_one(capsys: pytest.CaptureFixture) -> None:
     from bench import load_offline
 
