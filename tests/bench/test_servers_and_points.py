@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +50,19 @@ def test_naive_server_decides_like_the_offline_engine(tiny_artifact: Path) -> No
     assert [r["truncated"] for r in got] == [len(ids) > cfg["n_max"] for ids in full]
 
 
+def record_runs(engine: Any) -> list[tuple[int, int]]:
+    """The shape of every run the engine makes from now on; the runs themselves are real."""
+    runs: list[tuple[int, int]] = []
+    real = engine.run
+
+    def run(ids: np.ndarray, mask: np.ndarray, solo: bool = False) -> np.ndarray:
+        runs.append(ids.shape)
+        return real(ids, mask)
+
+    engine.run = run
+    return runs
+
+
 @pytest.mark.slow
 def test_offline_reference_measures_its_schedules_again_on_the_same_sessions(
     tiny_artifact: Path,
@@ -59,11 +73,7 @@ def test_offline_reference_measures_its_schedules_again_on_the_same_sessions(
     texts = ["win a free prize, click now", "the meeting agenda for monday " * 40, "hello"]
     seqs = [ids[: cfg["n_max"]] for ids in encode(tiny_artifact, texts)]
     reference = OfflineReference(tiny_artifact, "fp32", 1, seqs)
-    runs: list[tuple[int, int]] = []
-    real = reference._engine.run
-    reference._engine.run = lambda ids, mask, solo=False: (runs.append(ids.shape), real(ids, mask))[
-        1
-    ]  # type: ignore[method-assign]
+    runs = record_runs(reference._engine)
     try:
         first = reference.measure()
         assert len(runs) == 2 * len(texts)  # one per core: a warm pass, then the measured one
@@ -118,11 +128,7 @@ def test_text_schedules_tokenize_each_text_and_run_it_alone_cut_to_n_max(
     full = encode(tiny_artifact, texts)
     assert len(full[1]) > cfg["n_max"]  # one text is cut
     schedules = TextSchedules(tiny_artifact, "fp32", texts, cfg["n_max"])
-    runs: list[tuple[int, int]] = []
-    real = schedules._engine.run
-    schedules._engine.run = lambda ids, mask, solo=False: (runs.append(ids.shape), real(ids, mask))[
-        1
-    ]  # type: ignore[method-assign]
+    runs = record_runs(schedules._engine)
     try:
         first = schedules.measure()  # each schedule warmed, then measured: 2 passes each
         second = schedules.measure_reversed()  # measured once each
