@@ -27,10 +27,9 @@ import random
 import resource
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,23 +168,14 @@ class TextSchedules:
             return encoder.encode([text])[0]
 
         def beside() -> None:
-            # Each text's tokens go to the engine's threads as soon as a tokenizer thread has
-            # them, as the service hands them on.
-            runs: list[Future[Any]] = []
-            lock = threading.Lock()
+            # Each tokenizer thread hands its text's tokens to the engine's threads as soon as
+            # it has them, as the service does.
+            def tokenize_and_hand_on(text: str) -> Future[Any]:
+                return pool.submit(run, tokenize(text))
 
-            def hand_on(tokens: Future[Any]) -> None:
-                with lock:
-                    runs.append(pool.submit(run, tokens.result()))
-
-            tokenized = [tokenizer_pool.submit(tokenize, t) for t in texts]
-            for future in tokenized:
-                future.add_done_callback(hand_on)
-            wait(tokenized)
-            with lock:
-                handed = list(runs)
+            handed = [tokenizer_pool.submit(tokenize_and_hand_on, t) for t in texts]
             for future in handed:
-                future.result()
+                future.result().result()
 
         def on_engine_threads() -> None:
             list(pool.map(lambda text: run(tokenize(text)), texts))
