@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers[answer, arrival] = loadgen.ServerProcess(
                     cmd, f"http://127.0.0.1:{port}", log, ready_path=ready
                 )
-            for stub in stubs:  # warm-up: connections, and aiohttp's first-call costs
+            for stub in stubs:  # warm-up: connections and first-call costs
                 warm = texts[stub][:64]
                 asyncio.run(loadgen.run_level(servers[stub].url, warm, args.clients, extra=extra))
             for turn in range(args.repeats):
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = {
         "Load": f"{args.requests} requests per stub per turn, {args.clients} clients, "
         f"{args.repeats} turns; delays uniform over 0 to {2 * args.mean_ms:g} ms",
-        "Software": versions("aiohttp", "uvicorn", "httptools"),
+        "Software": versions("uvicorn", "httptools"),
     }
     path = write_fragment(
         out, "answer-cost", "What the load generator spends on each answer",

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = {
         "Model": f"{args.model_dir.name}, int8, CPU",
         "Workload": f"{len(texts)} test emails per level, `long_document: truncate`",
-        "Software": versions("onnxruntime", "fastapi", "uvicorn", "aiohttp"),
+        "Software": versions("onnxruntime", "fastapi", "uvicorn", "httptools"),
     }
     body = markdown_table(HEADERS, rows) + (
         "\n\nEach revision's service runs with its own defaults; `cpu_ms_per_doc` is the "

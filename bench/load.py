@@ -644,7 +644,7 @@ def report(
         "Workload": f"{n_docs} test emails per level (shuffled once, seed 0), each sent once; "
         f"interactive: {args.interactive_clients} clients x {args.interactive_requests} requests",
         "Service flags": " ".join(args.service_flag) or "defaults",
-        "Software": versions("onnxruntime", "fastapi", "uvicorn", "aiohttp"),
+        "Software": versions("onnxruntime", "fastapi", "uvicorn", "httptools"),
     }
     path = write_fragment(
         out,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -43,6 +44,43 @@ async def test_run_level_counts_every_answer() -> None:
     assert len(result.latencies) == 3 and result.seconds > 0
     assert sorted(str(b["input"]) for b in seen) == sorted(texts)  # each text sent once
     assert all(b["long_document"] == "truncate" for b in seen)
+
+
+async def test_run_level_opens_a_new_connection_when_the_server_closes_one() -> None:
+    app = FastAPI()
+
+    @app.post("/v1/classify")
+    async def classify(body: dict[str, object]) -> JSONResponse:
+        # Every other answer asks to close: uvicorn then closes the connection after it.
+        close = int(str(body["input"])) % 2 == 0
+        return JSONResponse({}, headers={"connection": "close"} if close else None)
+
+    texts = [str(i) for i in range(12)]
+    with uvicorn_in_thread(app) as url:
+        result = await run_level(url, texts, 2)
+    assert result.statuses == {200: 12}
+
+
+async def test_run_level_counts_a_dropped_connection_as_no_answer() -> None:
+    seen: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            text = json.loads(await reader.readexactly(length))["input"]
+            seen.append(text)
+            if text == "drop":  # hang up without an answer
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        result = await run_level(f"http://127.0.0.1:{port}", ["a", "drop", "b", "c"], 1)
+    assert seen == ["a", "drop", "b", "c"]  # the client went on, on a new connection
+    assert result.statuses == {200: 3, 0: 1} and len(result.latencies) == 3
 
 
 def test_batch_file_is_openai_batch_jsonl() -> None:
