@@ -1,5 +1,6 @@
-"""A closed-loop HTTP load generator (asyncio transports + httptools), a server process that is started and
-awaited on /ready, Prometheus counters scraped over HTTP, and the batch-jobs client calls.
+"""A closed-loop HTTP load generator (asyncio transports + httptools), a server process that is
+started and awaited on /ready, Prometheus counters scraped over HTTP, and the batch-jobs client
+calls.
 """
 
 from __future__ import annotations
