@@ -7,7 +7,10 @@ document goes to both: the ratio of p50s, the median per-document difference, an
 interval over blocks say whether one client's latency differs at all, and by how much per
 document length.
 
-    python -m bench.paired --model-dir DIR [--passes 4] [--block 50]
+With `--text`, every request carries that one text instead of a test email: a short text's
+engine run is brief, so the two servers' latencies then differ by what each adds around it.
+
+    python -m bench.paired --model-dir DIR [--passes 4] [--block 50] [--text "hello world"]
 """
 
 from __future__ import annotations
@@ -116,6 +119,15 @@ def summary(rows: list[tuple[int, int, float, float]]) -> list[list[Any]]:
     return out
 
 
+def workload(data: Path, docs: int, text: str | None) -> list[str]:
+    """`docs` test emails in the load benchmark's order, or `docs` copies of `text`."""
+    if text is not None:
+        return [text] * docs
+    texts = [e.text for e in load_test_split(data, docs)]
+    random.Random(0).shuffle(texts)  # the load benchmark's order: long and short mixed
+    return texts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = base_parser("python -m bench.paired", (__doc__ or "").splitlines()[0])
@@ -123,16 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", type=int, help="test emails (default 100 quick, 400)")
     p.add_argument("--passes", type=int, help="times every email goes to each server (1 quick, 4)")
     p.add_argument("--block", type=int, default=50, help="documents per turn (default 50)")
+    p.add_argument(
+        "--text",
+        help="send this text in every request instead of the test emails (--docs of them): "
+        "what each server adds around a short engine run",
+    )
     add_service_flag(p)
     args = p.parse_args(argv)
     if args.block < 1:
         p.error("--block must be at least 1")
+    if args.text is not None and not args.text.strip():
+        p.error("--text must not be empty")
     docs = args.docs if args.docs is not None else (100 if args.quick else 400)
     passes = args.passes or (1 if args.quick else 4)
     started, out = machine(), out_dir(args)
     read_config(args.model_dir)  # a clear error for a folder that is not an artifact
-    texts = [e.text for e in load_test_split(args.data, docs)]
-    random.Random(0).shuffle(texts)  # the load benchmark's order: long and short mixed
+    texts = workload(args.data, docs, args.text)
 
     with tempfile.TemporaryDirectory() as tmp:
         ports = {"service": loadgen.free_port(), "naive": loadgen.free_port()}
@@ -164,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     facts = {
         "Model": f"{args.model_dir.name}, precision {args.precision}",
-        "Workload": f"{len(texts)} test emails (shuffled once, seed 0), {passes} passes, "
-        f"servers alternating every {args.block} documents, each email sent to both",
+        "Workload": (
+            f"{len(texts)} test emails (shuffled once, seed 0)"
+            if args.text is None
+            else f"{len(texts)} copies of the text {args.text!r}"
+        )
+        + f", {passes} passes, "
+        f"servers alternating every {args.block} documents, each text sent to both",
         "Service flags": " ".join(args.service_flag) or "defaults",
         "Software": versions("onnxruntime", "fastapi", "uvicorn", "httpx"),
     }

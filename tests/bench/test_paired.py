@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from bench.paired import bootstrap_ratio, run_pairs, summary
+from bench.paired import bootstrap_ratio, main, run_pairs, summary, workload
 
 
 def test_every_document_goes_to_both_servers_in_alternating_blocks() -> None:
@@ -49,3 +49,15 @@ def test_summary_and_interval() -> None:
     low, high = bootstrap_ratio(rows, draws=200)
     assert 0.9 - 1e-9 <= low < high <= 1.02 + 1e-9
     assert bootstrap_ratio([(0, 1, 0.002, 0.001)], draws=10) == pytest.approx([2.0, 2.0])
+
+
+def test_a_fixed_text_replaces_the_test_emails(tmp_path) -> None:
+    # With --text the data directory is never read: an empty one would fail to load.
+    assert workload(tmp_path, 3, "hello world") == ["hello world"] * 3
+
+
+def test_an_empty_text_is_a_clear_cli_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--text", "  "])
+    assert exit_.value.code == 2
+    assert "--text must not be empty" in capsys.readouterr().err
