@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = base_parser("python -m bench.paired", (__doc__ or "").splitlines()[0])
     p.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="int8")
-    p.add_argument("--docs", type=int, help="test emails (default 100 quick, 400)")
+    p.add_argument("--docs", type=int, help="test emails, or copies of --text (default 100 quick, 400)")
     p.add_argument("--passes", type=int, help="times every email goes to each server (1 quick, 4)")
     p.add_argument("--block", type=int, default=50, help="documents per turn (default 50)")
     p.add_argument(
@@ -180,15 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         f"server's {overall[3]} ms, a ratio of {overall[4]} (95% bootstrap interval over blocks "
         f"{low:.3f} to {high:.3f}); the median per-document difference is {overall[5]} ms."
     )
+    sent = (
+        f"{len(texts)} test emails (shuffled once, seed 0)"
+        if args.text is None
+        else f"{len(texts)} copies of the text {args.text!r}"
+    )
     facts = {
         "Model": f"{args.model_dir.name}, precision {args.precision}",
-        "Workload": (
-            f"{len(texts)} test emails (shuffled once, seed 0)"
-            if args.text is None
-            else f"{len(texts)} copies of the text {args.text!r}"
-        )
-        + f", {passes} passes, "
-        f"servers alternating every {args.block} documents, each text sent to both",
+        "Workload": f"{sent}, {passes} passes, servers alternating every {args.block} "
+        "documents, each text sent to both",
         "Service flags": " ".join(args.service_flag) or "defaults",
         "Software": versions("onnxruntime", "fastapi", "uvicorn", "httpx"),
     }
