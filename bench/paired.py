@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = base_parser("python -m bench.paired", (__doc__ or "").splitlines()[0])
     p.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="int8")
-    p.add_argument("--docs", type=int, help="test emails, or copies of --text (default 100 quick, 400)")
+    p.add_argument(
+        "--docs", type=int, help="test emails, or copies of --text (default 100 quick, 400)"
+    )
     p.add_argument("--passes", type=int, help="times every email goes to each server (1 quick, 4)")
     p.add_argument("--block", type=int, default=50, help="documents per turn (default 50)")
     p.add_argument(
